@@ -1,0 +1,51 @@
+"""The benchmark code runs and returns well-formed rows (quick sizes; no speed is asserted here:
+speed goals live in benchmarks/RESULTS.md, measured by benchmarks/run_all.py)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+
+
+def load_run_all():
+    spec = importlib.util.spec_from_file_location("stema_run_all", RUN_ALL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_all = load_run_all()
+BENCH_MODULES = run_all.load_benchmark_modules()
+
+
+def test_every_kernel_has_a_benchmark():
+    names = {Path(module.__file__).stem for module in BENCH_MODULES}
+    assert {"bench_logprobs", "bench_gae", "bench_refit", "bench_scheduler"} <= names
+
+
+@pytest.mark.parametrize("module", BENCH_MODULES, ids=lambda m: Path(m.__file__).stem)
+def test_quick_measure_returns_finite_ratios(module):
+    rows = module.measure(device="cpu", quick=True)
+    assert rows, "measure() returned no rows"
+    for row in rows:
+        run_all.check_row(row, Path(module.__file__).stem)
+        assert row["device"] == "cpu"
+        assert row["stema"] > 0 and row["baseline"] > 0 and row["ratio"] > 0
+        if row["goal"] is not None:
+            expected_met = row["ratio"] >= row["goal"] if row["higher_is_better"] else row["ratio"] <= row["goal"]
+            assert row["met"] == expected_met
+
+
+def test_results_table_replaces_only_its_own_device_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_all, "RESULTS_PATH", tmp_path / "RESULTS.md")
+    row = dict(benchmark="b", case="c", metric="time", stema=1.0, baseline=3.0, ratio=3.0, higher_is_better=True,
+               goal=2.0, met=True, baseline_name="torch", device="cpu")
+    run_all.write_section("cuda", "<!-- results:cuda -->\nGPU TABLE\n<!-- /results:cuda -->")
+    run_all.write_section("cpu", run_all.section("cpu", False, [row], "cmd"))
+    run_all.write_section("cpu", run_all.section("cpu", False, [dict(row, ratio=4.0)], "cmd"))
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "GPU TABLE" in text
+    assert text.count("<!-- results:cpu -->") == 1
+    assert "| 4.00 |" in text and "| 3.00 |" not in text
