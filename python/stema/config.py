@@ -1,0 +1,341 @@
+"""Typed configs: one dataclass per component, YAML files hold values, `key=value` overrides on top.
+
+    cfg = load_config(SFTConfig, "examples/sft.yaml", ["optim.lr=3e-4", "trainer.max_steps=20"])
+
+Every field is declared with `option(default, doc)`; the doc is what `stema <command> --help`
+prints. Unknown keys and values of the wrong type are errors that name the file, the line and the
+dotted field (`sft.yaml:7: optim.lr: expected a float, got 'fast'`), raised before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A config value or key that does not fit its dataclass; the message names where it came from."""
+
+
+def option(default: Any, doc: str, **kwargs: Any) -> Any:
+    """A dataclass field with a documented default (lists and dicts are copied per instance)."""
+    metadata = {"doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def section(cls: type, doc: str) -> Any:
+    """A nested component config field."""
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+# ---------------------------------------------------------------------------------------------
+# Component configs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through peft."""
+
+    enabled: bool = option(False, "Train LoRA adapters instead of all weights.")
+    r: int = option(8, "Adapter rank.")
+    alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = option(0.0, "Dropout on the adapter input.")
+    target_modules: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters.")
+    merge_on_export: bool = option(True, "Merge adapters into the base weights when exporting the HF checkpoint.")
+
+
+@dataclass
+class ModelConfig:
+    """The model to train: the built-in tiny model or any local Hugging Face causal-LM folder."""
+
+    path: str = option("tiny", "'tiny' for the built-in tiny model, else a local Hugging Face model folder.")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "Dtype the weights are kept in.")
+    attn_implementation: str = option("sdpa", "Attention implementation passed to transformers.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapters.")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    train: str = option("", "Training data: a .jsonl/.json/.parquet file or a datasets.save_to_disk folder; 'builtin' for the built-in task.")
+    eval: str | None = option(None, "Evaluation data in the same formats (optional).")
+    max_length: int = option(512, "Longest tokenized example (prompt + completion).")
+    truncation: Literal["error", "drop", "truncate"] = option(
+        "drop", "Over-long examples: 'error' stops, 'drop' skips them, 'truncate' cuts the completion end; each is counted and reported."
+    )
+    completion_only_loss: bool = option(True, "Loss on completion tokens only (prompt tokens masked).")
+    packing: bool = option(False, "SFT: pack several examples into each row (attention stays within an example).")
+    shuffle: bool = option(True, "Shuffle the training examples each epoch (seeded).")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = option(1e-5, "Peak learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    betas: list[float] = option([0.9, 0.95], "AdamW betas.")
+    eps: float = option(1e-8, "AdamW epsilon.")
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Decay after warmup.")
+    warmup_steps: int = option(0, "Linear warmup steps from 0 to lr.")
+    min_lr_ratio: float = option(0.0, "Final learning rate as a fraction of lr.")
+    max_grad_norm: float = option(1.0, "Gradient clipping by global norm; 0 turns it off.")
+
+
+@dataclass
+class TrainerConfig:
+    """The shared training loop: batching, evaluation, checkpoints, logging."""
+
+    output_dir: str = option("runs/stema", "Folder for checkpoints, metrics and the exported model.")
+    max_steps: int = option(0, "Optimizer steps to run; 0 means run `epochs` epochs.")
+    epochs: int = option(1, "Passes over the training data when max_steps is 0.")
+    global_batch_size: int = option(8, "Examples per optimizer step (across all data-parallel ranks).")
+    micro_batch_size: int = option(8, "Examples per forward/backward; gradients accumulate up to the global batch.")
+    eval_every: int = option(0, "Evaluate every N steps (0: only at the end, when eval data is given).")
+    save_every: int = option(0, "Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = option(2, "Newest checkpoints to keep.")
+    log_every: int = option(1, "Log metrics every N steps.")
+    seed: int = option(0, "Seed for initialization, shuffling and dropout.")
+    resume: bool = option(False, "Continue from the newest checkpoint in output_dir.")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "'auto': bf16 autocast on GPU, fp32 on CPU.")
+    progress_bar: bool = option(True, "Show a progress bar with loss and tokens/s.")
+    tensorboard: bool = option(True, "Also write TensorBoard events when tensorboard is installed.")
+    export_hf: bool = option(True, "Export the final model in Hugging Face format (safetensors + tokenizer).")
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model head and loss."""
+
+    num_attributes: int = option(1, "1: a scalar Bradley-Terry reward; k > 1: k regression heads (SteerLM attributes).")
+    loss: Literal["bradley_terry", "regression"] = option("bradley_terry", "Pairwise preference loss or multi-attribute MSE.")
+    margin: bool = option(False, "Bradley-Terry: subtract the pair's `margin` field from the reward difference.")
+    center_rewards_coefficient: float = option(0.0, "Penalty on (r_chosen + r_rejected)^2 that keeps rewards centred.")
+
+
+@dataclass
+class SFTConfig:
+    """`stema sft`: supervised fine-tuning."""
+
+    model: ModelConfig = section(ModelConfig, "Model.")
+    data: DataConfig = section(DataConfig, "Data.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
+
+
+@dataclass
+class RMConfig:
+    """`stema rm`: reward-model training."""
+
+    model: ModelConfig = section(ModelConfig, "Backbone model.")
+    data: DataConfig = section(DataConfig, "Preference (or attribute) data.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
+    reward: RewardConfig = section(RewardConfig, "Reward head and loss.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, validation, overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return f"a list of {_type_name(item)}"
+    if annotation is type(None):
+        return "null"
+    return {bool: "a bool", int: "an int", float: "a float", str: "a string"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """`value` checked against `annotation` (ints are accepted for floats); ConfigError otherwise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option_type in typing.get_args(annotation):
+            try:
+                return _coerce(value, option_type, where)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(annotation):
+            return value
+    elif origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(item, item_type, f"{where}[{index}]") for index, item in enumerate(value)]
+    elif annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string; accept it as a number.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        raise TypeError(f"config field {where}: unsupported annotation {annotation!r}")
+    raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+
+
+class _Source:
+    """Where values came from: a file with the line of each dotted key, or the command line."""
+
+    def __init__(self, name: str, lines: dict[str, int] | None = None):
+        self.name = name
+        self.lines = lines or {}
+
+    def at(self, dotted: str) -> str:
+        line = self.lines.get(dotted)
+        return f"{self.name}:{line}" if line is not None else self.name
+
+
+def _apply(instance: Any, values: dict, source: _Source, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        name = prefix.rstrip(".")
+        raise ConfigError(f"{source.at(name)}: {name or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(instance))
+    fields = {f.name: f for f in dataclasses.fields(instance)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source.at(dotted)}: unknown key '{dotted}' (known keys here: {known})")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            _apply(getattr(instance, key), value, source, f"{dotted}.")
+            continue
+        try:
+            setattr(instance, key, _coerce(value, annotation, dotted))
+        except ConfigError as error:
+            raise ConfigError(f"{source.at(dotted)}: {error}") from None
+
+
+def _yaml_with_lines(text: str, name: str) -> tuple[Any, dict[str, int]]:
+    """Parse YAML, also returning the 1-based line of every dotted key."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark is not None else name
+        raise ConfigError(f"{where}: invalid YAML: {getattr(error, 'problem', error)}") from None
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = f"{prefix}{key_node.value}"
+                lines[dotted] = key_node.start_mark.line + 1
+                walk(value_node, f"{dotted}.")
+
+    walk(root, "")
+    data = yaml.safe_load(text)
+    return ({} if data is None else data), lines
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value parsed as YAML (`3e-4`, `true`, `[a, b]`, `null`)."""
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"command line: override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    nested: Any = value
+    for part in reversed(dotted.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Defaults of `cls`, then the YAML file's values, then `key=value` overrides, all type-checked."""
+    config = cls()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        values, lines = _yaml_with_lines(path.read_text(), str(path))
+        _apply(config, values, _Source(str(path), lines))
+    for override in overrides:
+        key, value = parse_override(override)
+        _apply(config, _nest(key, value), _Source(f"command line ({override})"))
+    validate(config)
+    return config
+
+
+def validate(config: Any, prefix: str = "") -> None:
+    """Cross-field checks that types alone cannot express."""
+    if isinstance(config, TrainerConfig):
+        if config.micro_batch_size < 1 or config.global_batch_size < 1:
+            raise ConfigError(f"{prefix}global_batch_size and micro_batch_size must be >= 1")
+        if config.global_batch_size % config.micro_batch_size:
+            raise ConfigError(
+                f"{prefix}global_batch_size ({config.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({config.micro_batch_size})"
+            )
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{item.name}.")
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every leaf field: what `--help` lists."""
+    rows = []
+    defaults = cls()
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        annotation = hints[item.name]
+        if dataclasses.is_dataclass(annotation):
+            rows.extend(describe(annotation, f"{prefix}{item.name}."))
+        else:
+            rows.append((f"{prefix}{item.name}", _type_name(annotation), getattr(defaults, item.name), item.metadata.get("doc", "")))
+    return rows
