@@ -1,0 +1,24 @@
+"""Losses: small pure functions registered by name, each returning `(loss, metrics)`.
+
+Convention (explicit global denominators): a loss is a SUM over the examples it is given divided
+by a denominator passed in by the caller, the count of valid tokens or sequences in the whole
+global batch across micro-batches and data-parallel ranks. Summing the losses of the micro-batches
+(and all-reducing the sum over ranks) then gives exactly the full-batch loss, whatever the
+micro-batching. Every metric follows the same rule: it is a contribution, already divided by the
+global denominator, so metrics are summed too.
+"""
+
+from stema.registry import Registry
+
+LOSSES: Registry = Registry("loss")
+register_loss = LOSSES.register
+
+
+def get_loss(name: str):
+    """The loss function registered under `name`."""
+    return LOSSES.get(name)
+
+
+from . import reward, sft  # noqa: E402  (registers the losses)
+
+__all__ = ["LOSSES", "get_loss", "register_loss", "reward", "sft"]

@@ -1,0 +1,217 @@
+"""The shared training loop.
+
+Each optimizer step:
+1. take the next global batch of examples from the seeded sampler;
+2. ask the algorithm for the batch's global denominators (valid tokens, pairs, ...);
+3. split the batch into micro-batches; for each, collate, compute `(loss, metrics)` with those
+   denominators, and backpropagate; losses and metrics add up to exactly the full-batch values;
+4. clip the gradient norm, step AdamW and the lr schedule;
+5. log (JSONL, TensorBoard, progress bar), evaluate and checkpoint on their schedules.
+
+A checkpoint holds the trainable weights, optimizer, lr schedule, every RNG and the sampler's
+position, so `resume=true` continues the same loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from stema.config import OptimConfig, TrainerConfig
+
+from . import checkpoint
+from .logging import MetricsLogger, progress_bar
+from .optim import build_optimizer, build_scheduler
+from .sampler import EpochSampler
+
+
+class Algorithm(Protocol):
+    """What a trainer plugs into the loop (one per algorithm: SFT, reward model, DPO, ...)."""
+
+    name: str
+
+    def denominators(self, examples: Sequence[Any]) -> dict[str, int]:
+        """Global counts (valid tokens, pairs, ...) of one global batch, before micro-batching."""
+
+    def collate(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Tensors of one micro-batch (on the CPU; the loop moves them to the device)."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], denominators: dict[str, int]):
+        """`(loss, metrics)` of one micro-batch, divided by the global denominators."""
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens processed in this micro-batch (for tokens/s)."""
+
+    def evaluate(self, model: torch.nn.Module, examples: Sequence[Any]) -> dict[str, float]:
+        """Evaluation metrics over `examples` (called under no_grad, in eval mode)."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+
+def total_steps(trainer_cfg: TrainerConfig, num_examples: int) -> int:
+    if trainer_cfg.max_steps > 0:
+        return trainer_cfg.max_steps
+    return trainer_cfg.epochs * (num_examples // trainer_cfg.global_batch_size)
+
+
+def autocast_context(trainer_cfg: TrainerConfig, device: torch.device):
+    """bf16 autocast on GPU under 'auto' (or anywhere under 'bf16'); fp32 otherwise."""
+    use_bf16 = trainer_cfg.precision == "bf16" or (trainer_cfg.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained: all of them, or only the adapters (and heads) with LoRA."""
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(
+            f"the checkpoint does not match the model's trainable parameters (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}): resume needs the same model and LoRA settings"
+        )
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            parameters[name].copy_(value)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def run_evaluation(model: torch.nn.Module, algorithm: Algorithm, examples: Sequence[Any]) -> dict[str, float]:
+    """Evaluation in eval mode, under no_grad, with the RNG forked so that evaluating (even with
+    sampling) never changes the training run's random stream: resume stays exact."""
+    was_training = model.training
+    model.eval()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            return algorithm.evaluate(model, examples)
+    finally:
+        model.train(was_training)
+
+
+def train(
+    *,
+    model: torch.nn.Module,
+    algorithm: Algorithm,
+    train_examples: Sequence[Any],
+    eval_examples: Sequence[Any] | None,
+    trainer_cfg: TrainerConfig,
+    optim_cfg: OptimConfig,
+    shuffle: bool = True,
+) -> TrainResult:
+    """Run the loop described in the module docstring; returns the last step's metrics."""
+    output_dir = Path(trainer_cfg.output_dir)
+    checkpoint_root = output_dir / "checkpoints"
+    device = next(model.parameters()).device
+    steps = total_steps(trainer_cfg, len(train_examples))
+    if steps < 1:
+        raise ValueError(
+            f"nothing to train: {len(train_examples)} examples give no full global batch of "
+            f"{trainer_cfg.global_batch_size} (set trainer.max_steps or add data)"
+        )
+
+    torch.manual_seed(trainer_cfg.seed)
+    sampler = EpochSampler(len(train_examples), batch_size=trainer_cfg.global_batch_size, seed=trainer_cfg.seed, shuffle=shuffle)
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, total_steps=steps)
+    step = 0
+    result = TrainResult(step=0)
+
+    if trainer_cfg.resume:
+        found = checkpoint.load_latest_checkpoint(checkpoint_root)
+        if found is not None:
+            step, state = found
+            load_trainable_state(model, state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            checkpoint.set_rng_state(state["rng"])
+            result.resumed_from = step
+
+    def save(at_step: int) -> None:
+        checkpoint.save_checkpoint(
+            checkpoint_root,
+            at_step,
+            {
+                "model": trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "algorithm": algorithm.name,
+            },
+            keep=trainer_cfg.keep_checkpoints,
+        )
+
+    logger = MetricsLogger(output_dir, tensorboard=trainer_cfg.tensorboard)
+    bar = progress_bar(steps, step, enabled=trainer_cfg.progress_bar, description=algorithm.name)
+    micro_size = trainer_cfg.micro_batch_size
+    model.train()
+    try:
+        while step < steps:
+            started = time.perf_counter()
+            examples = [train_examples[index] for index in sampler.next_batch()]
+            denominators = algorithm.denominators(examples)
+            totals: dict[str, float] = {}
+            tokens = 0
+            for start in range(0, len(examples), micro_size):
+                batch = _to_device(algorithm.collate(examples[start : start + micro_size]), device)
+                with autocast_context(trainer_cfg, device):
+                    loss, metrics = algorithm.loss(model, batch, denominators)
+                loss.backward()
+                tokens += algorithm.num_tokens(batch)
+                totals["loss"] = totals.get("loss", 0.0) + loss.item()
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+            if optim_cfg.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], optim_cfg.max_grad_norm
+                )
+                totals["grad_norm"] = float(grad_norm)
+            totals["lr"] = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            elapsed = time.perf_counter() - started
+            totals.update(tokens=tokens, tokens_per_s=tokens / max(elapsed, 1e-9), epoch=sampler.epoch)
+            result.train_metrics = totals
+            if step % max(1, trainer_cfg.log_every) == 0 or step == steps:
+                logger.log("train", step, totals)
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals['loss']:.4f}", tok_s=f"{totals['tokens_per_s']:.0f}")
+
+            if eval_examples and trainer_cfg.eval_every > 0 and step % trainer_cfg.eval_every == 0 and step < steps:
+                logger.log("eval", step, run_evaluation(model, algorithm, eval_examples))
+            if trainer_cfg.save_every > 0 and step % trainer_cfg.save_every == 0 and step < steps:
+                save(step)
+        if eval_examples:
+            result.eval_metrics = run_evaluation(model, algorithm, eval_examples)
+            logger.log("eval", step, result.eval_metrics)
+        save(step)
+    finally:
+        bar.close()
+        logger.close()
+    result.step = step
+    return result
