@@ -1,0 +1,109 @@
+"""`stema <command> -c cfg.yaml key=value ...`: the command line.
+
+Each command pairs a typed config class with the function that runs it. Values come from the
+config class's defaults, then the YAML file, then the dotted `key=value` overrides; any unknown key
+or wrongly typed value stops the command before it starts, naming file, line and field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from stema import __version__
+from stema.config import ConfigError, DemoConfig, RMConfig, SFTConfig, describe, load_config
+
+
+def _run_sft(config: SFTConfig) -> Any:
+    from stema.trainers.sft import run
+
+    return run(config)
+
+
+def _run_rm(config: RMConfig) -> Any:
+    from stema.trainers.reward import run
+
+    return run(config)
+
+
+def _run_demo(config: Any) -> Any:
+    from stema.demo import run
+
+    return run(config)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    config_class: Callable[[], type]
+    run: Callable[[Any], Any]
+
+
+COMMANDS = {
+    command.name: command
+    for command in (
+        Command("sft", "Supervised fine-tuning (prompt masking, packing, LoRA).", lambda: SFTConfig, _run_sft),
+        Command("rm", "Reward model: pairwise Bradley-Terry or multi-attribute regression.", lambda: RMConfig, _run_rm),
+        Command("demo", "Built-in tiny model and task end to end on a CPU, no download.", lambda: DemoConfig, _run_demo),
+    )
+}
+
+
+def config_help(config_class: type) -> str:
+    lines = ["config keys (set in the YAML file or as key=value):"]
+    for key, type_name, default, doc in describe(config_class):
+        lines.append(f"  {key} ({type_name}, default {default!r})")
+        lines.extend("      " + line for line in textwrap.wrap(doc, 88))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stema",
+        description="STEMA: align language models (SFT, reward models, PPO, DPO, ...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"stema {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>")
+    for command in COMMANDS.values():
+        sub = subparsers.add_parser(
+            command.name,
+            help=command.summary,
+            description=command.summary,
+            epilog=config_help(command.config_class()),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("-c", "--config", help="YAML file of config values")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+        if command.name == "demo":
+            sub.add_argument("--out", help="output folder (same as out=DIR)")
+            sub.add_argument("--stages", help="comma-separated stages, or 'all' (same as stages=...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    command = COMMANDS[args.command]
+    overrides = list(args.overrides)
+    if command.name == "demo":
+        overrides += [f"out={args.out}"] if args.out else []
+        overrides += [f"stages={args.stages}"] if args.stages else []
+    try:
+        config = load_config(command.config_class(), args.config, overrides)
+    except ConfigError as error:
+        print(f"stema {command.name}: config error: {error}", file=sys.stderr)
+        return 2
+    command.run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
