@@ -12,6 +12,9 @@
 #ifndef STEMA_VERSION
 #define STEMA_VERSION "dev"
 #endif
+#ifndef STEMA_CUDA_MODE
+#define STEMA_CUDA_MODE "AUTO"
+#endif
 #ifndef STEMA_COMPILER
 #define STEMA_COMPILER "unknown"
 #endif
@@ -25,6 +28,7 @@ py::dict build_info() {
   info["version"] = STEMA_VERSION;
   info["compiler"] = STEMA_COMPILER;
   info["cpu"] = true;
+  info["cuda_requested"] = STEMA_CUDA_MODE;  // what STEMA_CUDA asked for: AUTO, ON or OFF
 #if defined(STEMA_WITH_OPENMP)
   info["openmp"] = true;
   info["openmp_version"] = static_cast<int>(_OPENMP);
