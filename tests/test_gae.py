@@ -334,6 +334,11 @@ def test_compiled_kernels_check_their_arguments():
         _dispatch._C.gae_cpu(**{**args, "mask": 0})
     with pytest.raises(ValueError, match=r"unknown dtype code 7"):
         _dispatch._C.gae_cpu(**{**args, "values_dtype": 7})
+    with pytest.raises(ValueError, match=r"rewards: dtype float64 is not supported"):
+        _dispatch._C.discounted_returns_cpu(
+            rewards=rewards.data_ptr(), rewards_dtype=3, rewards_row_stride=6, mask=mask.data_ptr(),
+            mask_row_stride=6, batch=2, length=6, gamma=0.9, returns=advantages.data_ptr(),
+        )  # fmt: skip
 
 
 @pytest.mark.cuda

@@ -22,6 +22,7 @@ void check_shape(int64_t batch, int64_t length) {
 }
 
 void check_rows(const StridedRows& rows, bool has_work, const char* name) {
+  STEMA_CHECK(rows.dtype != DType::kFloat64, name << ": dtype float64 is not supported (fp32, fp16, bf16)");
   STEMA_CHECK(rows.row_stride >= 0, name << ": row stride must be non-negative, got " << rows.row_stride);
   STEMA_CHECK(!has_work || rows.data != nullptr, name << ": null data pointer");
 }

@@ -78,14 +78,16 @@ __global__ void scan_thread_per_row_kernel(ScanArgs args) {
     float next_value = 0.0f;
     float x = 0.0f;
     for (int64_t t = args.length - 1; t >= 0; --t) {
-      if (mask[t] == 0) {
+      // Load before testing the mask, so that the three loads are in flight together.
+      const bool valid = mask[t] != 0;
+      const float reward = load_float(rewards + t);
+      const float value = kWithValues ? load_float(values + t) : 0.0f;
+      if (!valid) {
         scanned[t] = 0.0f;
         if constexpr (kWithValues) returns[t] = 0.0f;
         continue;
       }
-      const float reward = load_float(rewards + t);
       if constexpr (kWithValues) {
-        const float value = load_float(values + t);
         x = recur(td_residual(reward, args.gamma, next_value, value), args.decay, x);
         next_value = value;
         returns[t] = __fadd_rn(x, value);
@@ -231,16 +233,16 @@ void launch_scan(const ScanArgs& args, cudaStream_t stream) {
   }
 }
 
-// Calls fn(T{}) with T the CUDA storage type of `dtype` (fp32, fp16, bf16).
+// Calls fn(T{}) with T the CUDA storage type of `dtype` (check_args has ruled out fp64).
 template <typename Fn>
-void dispatch_cuda_float(DType dtype, const char* name, Fn&& fn) {
+void dispatch_cuda_float(DType dtype, Fn&& fn) {
   switch (dtype) {
     case DType::kFloat32: fn(float{}); return;
     case DType::kFloat16: fn(__half{}); return;
     case DType::kBFloat16: fn(__nv_bfloat16{}); return;
     case DType::kFloat64: break;
   }
-  STEMA_CHECK(false, name << ": dtype " << dtype_name(dtype) << " is not supported on CUDA (fp32, fp16, bf16)");
+  throw std::invalid_argument(std::string("stema: unsupported dtype ") + dtype_name(dtype));
 }
 
 }  // namespace
@@ -260,8 +262,8 @@ void gae_cuda(const GaeArgs& args, void* stream) {
                       static_cast<float>(args.gamma * args.lam),
                       args.advantages,
                       args.returns};
-  dispatch_cuda_float(args.rewards.dtype, "rewards", [&](auto reward_tag) {
-    dispatch_cuda_float(args.values.dtype, "values", [&](auto value_tag) {
+  dispatch_cuda_float(args.rewards.dtype, [&](auto reward_tag) {
+    dispatch_cuda_float(args.values.dtype, [&](auto value_tag) {
       launch_scan<decltype(reward_tag), decltype(value_tag), true>(scan, static_cast<cudaStream_t>(stream));
     });
   });
@@ -282,7 +284,7 @@ void discounted_returns_cuda(const DiscountedReturnsArgs& args, void* stream) {
                       static_cast<float>(args.gamma),
                       args.returns,
                       nullptr};
-  dispatch_cuda_float(args.rewards.dtype, "rewards", [&](auto reward_tag) {
+  dispatch_cuda_float(args.rewards.dtype, [&](auto reward_tag) {
     launch_scan<decltype(reward_tag), float, false>(scan, static_cast<cudaStream_t>(stream));
   });
 }

@@ -19,7 +19,7 @@
 namespace stema::gae {
 
 // A [batch, length] input with unit column stride and `row_stride` elements between rows (a row
-// stride of 0 broadcasts one row). dtype: fp32, fp16 or bf16 (the CPU kernel also takes fp64).
+// stride of 0 broadcasts one row). dtype: fp32, fp16 or bf16.
 struct StridedRows {
   const void* data;
   DType dtype;
@@ -53,8 +53,9 @@ struct DiscountedReturnsArgs {
   float* returns;  // output, contiguous [batch, length] fp32
 };
 
-// Throw std::invalid_argument (STEMA_CHECK) on negative sizes or strides, gamma or lam outside
-// [0, 1] or not finite, or a null pointer where there is work to do.
+// Throw std::invalid_argument (STEMA_CHECK) on negative sizes or strides, an input dtype other
+// than fp32, fp16 or bf16, gamma or lam outside [0, 1] or not finite, or a null pointer where
+// there is work to do.
 void check_args(const GaeArgs& args);
 void check_args(const DiscountedReturnsArgs& args);
 
