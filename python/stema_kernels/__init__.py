@@ -7,5 +7,6 @@ device.
 
 from . import reference
 from ._dispatch import build_info
+from .gae import discounted_returns, gae
 
-__all__ = ["build_info", "reference"]
+__all__ = ["build_info", "discounted_returns", "gae", "reference"]
