@@ -7,5 +7,6 @@ device.
 
 from . import reference
 from ._dispatch import build_info
+from .scheduler import Scheduler
 
-__all__ = ["build_info", "reference"]
+__all__ = ["Scheduler", "build_info", "reference"]
