@@ -1,4 +1,4 @@
-"""The load-balanced rollout scheduler: policy, parity with the Python reference, threads, errors."""
+"""Load-balanced rollout scheduler: policy, parity with the Python reference, threads, errors."""
 
 from __future__ import annotations
 

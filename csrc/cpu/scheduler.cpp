@@ -120,25 +120,30 @@ void Scheduler::report(int64_t worker, double seconds) {
   update_speeds();
 }
 
+// A measured speed is a finite positive ratio of credited cost to reported seconds; 0 if none.
+double Scheduler::measured_speed(int64_t worker) const {
+  const WorkerState& state = workers_[worker];
+  if (state.cost_reported <= 0.0 || state.stats.seconds_reported <= 0.0) return 0.0;
+  const double speed = state.cost_reported / state.stats.seconds_reported;
+  return std::isfinite(speed) ? speed : 0.0;
+}
+
 void Scheduler::update_speeds() {
-  // A measured speed is a finite positive ratio; the rest get the mean of the measured ones.
-  std::vector<double> measured(workers_.size(), 0.0);
+  // Workers without a measured speed get the mean of the measured ones (1 when there are none).
   double measured_sum = 0.0;
   int64_t measured_count = 0;
-  for (size_t w = 0; w < workers_.size(); ++w) {
-    const WorkerState& state = workers_[w];
-    if (state.cost_reported > 0.0 && state.stats.seconds_reported > 0.0) {
-      const double speed = state.cost_reported / state.stats.seconds_reported;
-      if (std::isfinite(speed) && speed > 0.0) {
-        measured[w] = speed;
-        measured_sum += speed;
-        measured_count += 1;
-      }
+  for (int64_t worker = 0; worker < num_workers(); ++worker) {
+    const double speed = measured_speed(worker);
+    if (speed > 0.0) {
+      measured_sum += speed;
+      measured_count += 1;
     }
   }
-  const double assumed = measured_count > 0 ? measured_sum / static_cast<double>(measured_count) : 1.0;
-  for (size_t w = 0; w < workers_.size(); ++w) {
-    workers_[w].stats.speed = measured[w] > 0.0 ? measured[w] : assumed;
+  const double assumed =
+      measured_count > 0 ? measured_sum / static_cast<double>(measured_count) : 1.0;
+  for (int64_t worker = 0; worker < num_workers(); ++worker) {
+    const double speed = measured_speed(worker);
+    workers_[worker].stats.speed = speed > 0.0 ? speed : assumed;
   }
 }
 

@@ -29,7 +29,7 @@
 // report all speeds are equal and stealing goes by remaining cost alone.
 //
 // Thread safety: one std::mutex guards all state. A call holds it for O(max_batch) work, plus
-// O(num_workers) when it steals or reports; result vectors are allocated before it is taken.
+// O(num_workers) when it steals or reports, and allocates nothing while holding it.
 #pragma once
 
 #include <cstdint>
@@ -85,7 +85,7 @@ class Scheduler {
   // One worker's share of the items, highest cost first, consumed from the front.
   struct Share {
     std::vector<int64_t> items;
-    std::vector<double> cost_from;  // cost_from[k] = cost of items[k:], exact (no running subtraction)
+    std::vector<double> cost_from;  // cost_from[k] = cost of items[k:] (no running subtraction)
     size_t front = 0;               // items[front:] are not handed out yet
 
     bool empty() const { return front == items.size(); }
@@ -104,6 +104,8 @@ class Scheduler {
   int64_t most_loaded_other(int64_t worker) const;
   // Moves up to max_batch items from the front of `share` into `batch`, charging `worker`. Locked.
   void take_front(Share& share, int64_t worker, std::vector<int64_t>& batch);
+  // cost credited / seconds reported when both are > 0 and the ratio is finite, else 0. Locked.
+  double measured_speed(int64_t worker) const;
   // Recomputes every worker's speed estimate from the reports (policy above). Locked.
   void update_speeds();
 
