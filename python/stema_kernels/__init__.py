@@ -8,5 +8,6 @@ device.
 from . import reference
 from ._dispatch import build_info
 from .gae import discounted_returns, gae
+from .scheduler import Scheduler
 
-__all__ = ["build_info", "discounted_returns", "gae", "reference"]
+__all__ = ["Scheduler", "build_info", "discounted_returns", "gae", "reference"]
