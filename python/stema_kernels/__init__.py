@@ -7,5 +7,6 @@ device.
 
 from . import reference
 from ._dispatch import build_info
+from .refit import RefitPlan, refit_
 
-__all__ = ["build_info", "reference"]
+__all__ = ["RefitPlan", "build_info", "reference", "refit_"]
