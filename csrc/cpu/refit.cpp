@@ -134,7 +134,12 @@ __attribute__((target("avx2"))) void convert_avx2(const void* src, void* dst, st
   convert_loop<Src, Dst>(src, dst, begin, end);
 }
 
-const bool kCpuHasAvx2 = __builtin_cpu_supports("avx2");
+bool cpu_has_avx2() {
+  __builtin_cpu_init();  // this may run before libgcc's own constructor has filled in the CPU model
+  return __builtin_cpu_supports("avx2");
+}
+
+const bool kCpuHasAvx2 = cpu_has_avx2();
 #endif
 
 template <DType Src, DType Dst>
@@ -256,7 +261,9 @@ void refit_cpu(const RefitDescriptor* table, std::int64_t count, std::int64_t to
   for (std::int64_t i = 0; i < count; ++i) src_bytes += table[i].count * element_size(table[i].src_dtype);
   [[maybe_unused]] const int threads = static_cast<int>(std::clamp<std::int64_t>(src_bytes / kCpuChunkBytes, 1, max_threads()));
   // Chunks differ in cost (dtype pairs), so threads take them one at a time.
+#if defined(STEMA_WITH_OPENMP)
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+#endif
   for (std::int64_t chunk = 0; chunk < total_chunks; ++chunk) {
     const RefitDescriptor& pair = table[find_pair(table, count, chunk)];
     const std::int64_t begin = (chunk - pair.first_chunk) * pair.chunk_elements;
