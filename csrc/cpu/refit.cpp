@@ -24,8 +24,6 @@ namespace {
 // masks, so loops over them vectorize (a ternary lets the compiler branch around the float ops,
 // which it then may not speculate back under -ftrapping-math).
 
-inline std::uint32_t bits_of(float value) { return float_to_bits(value); }
-
 // All ones when `condition` holds, else zero.
 inline std::uint32_t mask_if(bool condition) { return 0u - static_cast<std::uint32_t>(condition); }
 
@@ -35,7 +33,7 @@ inline std::uint32_t select(std::uint32_t mask, std::uint32_t if_set, std::uint3
 
 // float -> bf16, round to nearest even; NaN keeps its sign and top payload bits, quiet bit set.
 inline std::uint16_t float_to_bf16_bits(float value) {
-  const std::uint32_t bits = bits_of(value);
+  const std::uint32_t bits = float_to_bits(value);
   const std::uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   const std::uint32_t quiet_nan = (bits >> 16) | 0x0040u;
   const std::uint32_t is_nan = mask_if(static_cast<std::int32_t>(bits & 0x7fffffffu) > 0x7f800000);
@@ -44,7 +42,7 @@ inline std::uint16_t float_to_bf16_bits(float value) {
 
 // float -> fp16, round to nearest even (F. Giesen's float_to_half_fast3_rtne, with masks).
 inline std::uint16_t float_to_fp16_bits(float value) {
-  const std::uint32_t bits = bits_of(value);
+  const std::uint32_t bits = float_to_bits(value);
   const std::uint32_t sign = (bits >> 16) & 0x8000u;
   const std::uint32_t magnitude = bits & 0x7fffffffu;
   const std::int32_t signed_magnitude = static_cast<std::int32_t>(magnitude);
@@ -54,7 +52,7 @@ inline std::uint16_t float_to_fp16_bits(float value) {
   // |value| < 2^-14: adding 0.5f aligns the fp16 subnormal bits at the bottom of the mantissa and
   // the float adder rounds them to nearest even.
   const float half = bits_to_float(126u << 23);
-  const std::uint32_t subnormal = bits_of(bits_to_float(magnitude) + half) - (126u << 23);
+  const std::uint32_t subnormal = float_to_bits(bits_to_float(magnitude) + half) - (126u << 23);
   // |value| >= 65536: inf, or NaN keeping its top payload bits with the quiet bit set.
   const std::uint32_t inf_or_nan =
       select(mask_if(signed_magnitude > 0x7f800000), 0x7e00u | ((magnitude >> 13) & 0x3ffu), 0x7c00u);
@@ -72,7 +70,7 @@ inline float fp16_bits_to_float(std::uint16_t half_bits) {
   const std::uint32_t normal = ((bits & 0x7fffu) << 13) + (112u << 23);
   const std::uint32_t inf_or_nan = 0x7f800000u | (mantissa << 13) | (mask_if(mantissa != 0) & 0x00400000u);
   const std::uint32_t subnormal =
-      bits_of(static_cast<float>(static_cast<std::int32_t>(mantissa)) * 5.9604644775390625e-08f);
+      float_to_bits(static_cast<float>(static_cast<std::int32_t>(mantissa)) * 5.9604644775390625e-08f);
   const std::uint32_t nonzero_exponent = select(mask_if(exponent == 0x1f), inf_or_nan, normal);
   return bits_to_float(sign | select(mask_if(exponent == 0), subnormal, nonzero_exponent));
 }
