@@ -8,6 +8,7 @@ device.
 from . import reference
 from ._dispatch import build_info
 from .gae import discounted_returns, gae
+from .refit import RefitPlan, refit_
 from .scheduler import Scheduler
 
-__all__ = ["Scheduler", "build_info", "discounted_returns", "gae", "reference"]
+__all__ = ["RefitPlan", "Scheduler", "build_info", "discounted_returns", "gae", "reference", "refit_"]
