@@ -1,0 +1,151 @@
+"""Reward models: a pairwise Bradley-Terry scalar reward, or k-attribute regression (SteerLM).
+
+1. Load a causal-LM backbone (or a saved reward model) as a sequence classifier with k outputs; the
+   reward of a sequence is the head applied to the hidden state of its last non-pad token.
+2. Pairwise: chosen and rejected sequences of a micro-batch run in ONE forward pass of the
+   concatenated `[2B, T]` batch; loss = -log sigmoid(r_chosen - r_rejected [- margin]) summed over
+   pairs / pairs in the global batch (optional reward centring, as TRL).
+   Regression: MSE against the attribute labels, -100 ignored, / valid labels in the global batch.
+3. The shared loop trains, evaluates (pairwise accuracy and margin, or MSE), checkpoints, resumes.
+4. Export in Hugging Face format: `AutoModelForSequenceClassification.from_pretrained` loads it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from stema.config import RMConfig
+from stema.data import collate_attributes, collate_pairs, load_attribute_data, load_preference_data
+from stema.losses import get_loss
+from stema.losses.reward import IGNORE_LABEL
+from stema.models.loading import export_hf, load_reward_model
+from stema.training import TrainResult, train
+from stema.training.setup import report_data, start_run
+
+
+def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rewards `[N, k]` (fp32) of the N sequences of a batch, read at each last non-pad token."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def _on_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+class PairwiseRewardAlgorithm:
+    name = "rm"
+
+    def __init__(self, *, pad_id: int, use_margin: bool, center_rewards_coefficient: float, micro_batch_size: int):
+        self.pad_id = pad_id
+        self.use_margin = use_margin
+        self.center_rewards_coefficient = center_rewards_coefficient
+        self.micro_batch_size = micro_batch_size
+        self.loss_fn = get_loss("bradley_terry")
+
+    def denominators(self, examples):
+        return {"pairs": len(examples)}
+
+    def collate(self, examples):
+        batch = collate_pairs(examples, self.pad_id)
+        if self.use_margin and "margin" not in batch:
+            raise ValueError(f"{examples[0].location}: reward.margin is on but the data has no 'margin' field")
+        return batch
+
+    def loss(self, model, batch, denominators):
+        rewards = sequence_rewards(model, batch)[:, 0]  # [2B]: chosen rows first, then rejected
+        num_pairs = rewards.shape[0] // 2
+        return self.loss_fn(
+            rewards[:num_pairs],
+            rewards[num_pairs:],
+            num_pairs=denominators["pairs"],
+            margin=batch["margin"] if self.use_margin else None,
+            center_rewards_coefficient=self.center_rewards_coefficient,
+        )
+
+    def num_tokens(self, batch):
+        return int(batch["attention_mask"].sum())
+
+    def evaluate(self, model, examples: Sequence):
+        device = next(model.parameters()).device
+        totals: dict[str, float] = {}
+        for start in range(0, len(examples), self.micro_batch_size):
+            batch = _on_device(self.collate(examples[start : start + self.micro_batch_size]), device)
+            loss, metrics = self.loss(model, batch, {"pairs": len(examples)})
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        return totals
+
+
+class RegressionRewardAlgorithm:
+    name = "rm"
+
+    def __init__(self, *, pad_id: int, micro_batch_size: int):
+        self.pad_id = pad_id
+        self.micro_batch_size = micro_batch_size
+        self.loss_fn = get_loss("regression")
+
+    def denominators(self, examples):
+        return {"labels": sum(sum(1 for label in example.labels if label != IGNORE_LABEL) for example in examples)}
+
+    def collate(self, examples):
+        return collate_attributes(examples, self.pad_id)
+
+    def loss(self, model, batch, denominators):
+        return self.loss_fn(sequence_rewards(model, batch), batch["labels"], num_valid_labels=max(1, denominators["labels"]))
+
+    def num_tokens(self, batch):
+        return int(batch["attention_mask"].sum())
+
+    def evaluate(self, model, examples: Sequence):
+        device = next(model.parameters()).device
+        denominators = self.denominators(examples)
+        totals: dict[str, float] = {}
+        for start in range(0, len(examples), self.micro_batch_size):
+            batch = _on_device(self.collate(examples[start : start + self.micro_batch_size]), device)
+            loss, metrics = self.loss(model, batch, denominators)
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        return totals
+
+
+def run(config: RMConfig) -> TrainResult:
+    run_info = start_run(config, command="rm")
+    model, tokenizer = load_reward_model(
+        config.model, num_labels=config.reward.num_attributes, cache_dir=run_info.cache_dir, seed=config.trainer.seed
+    )
+    model.to(run_info.device)
+    if config.reward.loss == "bradley_terry":
+        if config.reward.num_attributes != 1:
+            raise ValueError("reward.loss=bradley_terry trains a scalar reward: set reward.num_attributes=1")
+        load = load_preference_data
+        algorithm = PairwiseRewardAlgorithm(
+            pad_id=tokenizer.pad_token_id,
+            use_margin=config.reward.margin,
+            center_rewards_coefficient=config.reward.center_rewards_coefficient,
+            micro_batch_size=config.trainer.micro_batch_size,
+        )
+    else:
+        load = load_attribute_data
+        algorithm = RegressionRewardAlgorithm(pad_id=tokenizer.pad_token_id, micro_batch_size=config.trainer.micro_batch_size)
+    train_examples, train_report = load(config.data, tokenizer, "train")
+    report_data(run_info, "train", train_examples, train_report)
+    eval_examples = None
+    if config.data.eval:
+        eval_examples, eval_report = load(config.data, tokenizer, "eval")
+        report_data(run_info, "eval", eval_examples, eval_report)
+    result = train(
+        model=model,
+        algorithm=algorithm,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        trainer_cfg=config.trainer,
+        optim_cfg=config.optim,
+        shuffle=config.data.shuffle,
+    )
+    if config.trainer.export_hf:
+        path = export_hf(model, tokenizer, run_info.export_dir, merge_lora=config.model.lora.merge_on_export)
+        run_info.say(f"exported the reward model to {path}")
+    run_info.say(f"done after {result.step} steps; eval {result.eval_metrics}")
+    return result

@@ -1,0 +1,125 @@
+"""Supervised fine-tuning (SFT).
+
+1. Load the model (optionally with LoRA) and tokenizer; read, validate and tokenize the data, with
+   the loss on completion tokens only by default, and pack examples into rows if asked.
+2. Each micro-batch: logits = model(input_ids); per-token log-probs of the next tokens through the
+   fused kernel `stema_kernels.token_logprobs`; loss = -sum(log-probs of completion tokens) /
+   (completion tokens in the whole global batch), so micro-batching does not change the result.
+3. The shared loop steps AdamW, evaluates (loss, perplexity), checkpoints, and resumes exactly.
+4. Export the final model in Hugging Face format with its tokenizer.
+
+As TRL's SFTTrainer, except that the denominator is always the global token count of the step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+import stema_kernels
+from stema.config import SFTConfig
+from stema.data import collate_packed, collate_sft, load_sft_data, pack_sft
+from stema.data.tokenize import TokenizedSFT
+from stema.losses import get_loss
+from stema.models.loading import export_hf, load_policy
+from stema.training import TrainResult, train
+from stema.training.setup import report_data, start_run
+
+IGNORE_INDEX = -100
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels `[B, T]` -> the label each position predicts, `[B, T]`: shifted left, -100 at the end.
+
+    Shifting the labels rather than slicing `logits[:, :-1]` lets the kernel read the logits in place.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token log-probs `[B, T]`, loss mask `[B, T]`) of each sequence's labelled next tokens."""
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    logits = model(**inputs).logits  # [B, T, V]
+    targets = next_token_labels(batch["labels"])
+    logprobs = stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX)  # [B, T] fp32
+    return logprobs, targets != IGNORE_INDEX
+
+
+def count_loss_tokens(examples: Sequence[TokenizedSFT]) -> int:
+    """Tokens that carry loss: labelled positions that have a previous token to predict them."""
+    return sum(sum(1 for label in example.labels[1:] if label != IGNORE_INDEX) for example in examples)
+
+
+class SFTAlgorithm:
+    name = "sft"
+
+    def __init__(self, *, pad_id: int, packing: bool, max_length: int, micro_batch_size: int):
+        self.pad_id = pad_id
+        self.packing = packing
+        self.max_length = max_length
+        self.micro_batch_size = micro_batch_size
+        self.loss_fn = get_loss("sft")
+
+    def denominators(self, examples):
+        return {"tokens": count_loss_tokens(examples)}
+
+    def collate(self, examples):
+        if self.packing:
+            return collate_packed(pack_sft(examples, max_length=self.max_length), self.pad_id)
+        return collate_sft(examples, self.pad_id)
+
+    def loss(self, model, batch, denominators):
+        logprobs, mask = sequence_logprobs(model, batch)
+        return self.loss_fn(logprobs, mask, num_valid_tokens=max(1, denominators["tokens"]))
+
+    def num_tokens(self, batch):
+        if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
+            return int(batch["attention_mask"].sum())
+        return int((batch["input_ids"] != self.pad_id).sum())
+
+    def evaluate(self, model, examples):
+        device = next(model.parameters()).device
+        total_nll, total_tokens = 0.0, 0
+        for start in range(0, len(examples), self.micro_batch_size):
+            batch = collate_sft(examples[start : start + self.micro_batch_size], self.pad_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            logprobs, mask = sequence_logprobs(model, batch)
+            total_nll -= float((logprobs * mask).sum())
+            total_tokens += int(mask.sum())
+        loss = total_nll / max(1, total_tokens)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+
+
+def run(config: SFTConfig) -> TrainResult:
+    run_info = start_run(config, command="sft")
+    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+    model.to(run_info.device)
+    train_examples, train_report = load_sft_data(config.data, tokenizer, "train")
+    report_data(run_info, "train", train_examples, train_report)
+    eval_examples = None
+    if config.data.eval:
+        eval_examples, eval_report = load_sft_data(config.data, tokenizer, "eval")
+        report_data(run_info, "eval", eval_examples, eval_report)
+    algorithm = SFTAlgorithm(
+        pad_id=tokenizer.pad_token_id,
+        packing=config.data.packing,
+        max_length=config.data.max_length,
+        micro_batch_size=config.trainer.micro_batch_size,
+    )
+    result = train(
+        model=model,
+        algorithm=algorithm,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        trainer_cfg=config.trainer,
+        optim_cfg=config.optim,
+        shuffle=config.data.shuffle,
+    )
+    if config.trainer.export_hf:
+        path = export_hf(model, tokenizer, run_info.export_dir, merge_lora=config.model.lora.merge_on_export)
+        run_info.say(f"exported the model to {path}")
+    run_info.say(f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}")
+    return result
