@@ -7,5 +7,6 @@ device.
 
 from . import reference
 from ._dispatch import build_info
+from .logprobs import logprob_kl, token_logprobs
 
-__all__ = ["build_info", "reference"]
+__all__ = ["build_info", "logprob_kl", "reference", "token_logprobs"]
