@@ -256,13 +256,14 @@ def test_logprob_kl_matches_reference(device, kl, dtype):
 
 def test_logprob_kl_gives_ref_logprobs_no_gradient_and_takes_any_float_dtype(device):
     logits, labels = make_inputs((5,), 64, dtype=torch.float32, device=device, seed=14)
+    logits.requires_grad_(True)
     ref_logprobs = torch.full((5,), -3.0, device=device, dtype=torch.bfloat16, requires_grad=True)
     logprobs, kl_values = logprob_kl(logits, labels, ref_logprobs, kl="k2")
     expected_logprobs, expected_kl = reference.logprob_kl(logits, labels, ref_logprobs, kl="k2")
     torch.testing.assert_close(kl_values, expected_kl, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logprobs, expected_logprobs, rtol=1e-5, atol=1e-5)
     (logprobs + kl_values).sum().backward()
-    assert ref_logprobs.grad is None
+    assert ref_logprobs.grad is None and logits.grad is not None
 
 
 def test_invalid_arguments_raise(device):

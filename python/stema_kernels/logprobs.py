@@ -170,20 +170,35 @@ def _flat_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).to(torch.float32).contiguous()
 
 
+def _forward_pass(logits: torch.Tensor, labels: torch.Tensor, *, inv_temperature: float, ignore_index: int,
+                  with_entropy: bool = False, flat_ref: torch.Tensor | None = None, kl: str | None = None):
+    """(rows, layout, flat labels, outputs) of one forward kernel pass over `logits` [..., V]."""
+    rows, layout = _as_rows(logits)
+    flat_labels = labels.reshape(-1).contiguous()
+    outputs = _run_forward(rows, layout, flat_labels, inv_temperature=inv_temperature, ignore_index=ignore_index,
+                           with_entropy=with_entropy, ref_logprobs=flat_ref,
+                           kl_code=0 if kl is None else _KL_CODES[kl])
+    return rows, layout, flat_labels, outputs
+
+
+def _token_outputs(outputs: _ForwardOutputs, shape: torch.Size, with_entropy: bool):
+    logprobs = outputs.logprobs.view(shape)
+    return (logprobs, outputs.entropy.view(shape)) if with_entropy else logprobs
+
+
+def _needs_grad(logits: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and logits.requires_grad
+
+
 class _TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, inv_temperature, ignore_index, with_entropy):
-        rows, layout = _as_rows(logits)
-        flat_labels = labels.reshape(-1).contiguous()
-        outputs = _run_forward(rows, layout, flat_labels, inv_temperature=inv_temperature,
-                               ignore_index=ignore_index, with_entropy=with_entropy, ref_logprobs=None, kl_code=0)
+        rows, layout, flat_labels, outputs = _forward_pass(
+            logits, labels, inv_temperature=inv_temperature, ignore_index=ignore_index, with_entropy=with_entropy)
         ctx.save_for_backward(rows, flat_labels, outputs.logsumexp, outputs.entropy)
         ctx.layout, ctx.logits_shape = layout, logits.shape
         ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
-        logprobs = outputs.logprobs.view(labels.shape)
-        if not with_entropy:
-            return logprobs
-        return logprobs, outputs.entropy.view(labels.shape)
+        return _token_outputs(outputs, labels.shape, with_entropy)
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy=None):
@@ -199,13 +214,9 @@ class _TokenLogprobsFunction(torch.autograd.Function):
 
 class _LogprobKlFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ref_logprobs, kl, inv_temperature, ignore_index):
-        rows, layout = _as_rows(logits)
-        flat_labels = labels.reshape(-1).contiguous()
-        flat_ref = _flat_fp32(ref_logprobs.detach())
-        outputs = _run_forward(rows, layout, flat_labels, inv_temperature=inv_temperature,
-                               ignore_index=ignore_index, with_entropy=False, ref_logprobs=flat_ref,
-                               kl_code=_KL_CODES[kl])
+    def forward(ctx, logits, labels, flat_ref, kl, inv_temperature, ignore_index):
+        rows, layout, flat_labels, outputs = _forward_pass(
+            logits, labels, inv_temperature=inv_temperature, ignore_index=ignore_index, flat_ref=flat_ref, kl=kl)
         ctx.save_for_backward(rows, flat_labels, outputs.logsumexp, outputs.logprobs, flat_ref)
         ctx.layout, ctx.logits_shape, ctx.kl = layout, logits.shape, kl
         ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
@@ -267,6 +278,10 @@ def token_logprobs(
     if not _dispatch.has_kernel(logits.device):
         return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                         return_entropy=return_entropy)
+    if not _needs_grad(logits):  # no graph to record: skip the autograd.Function overhead
+        outputs = _forward_pass(logits, labels, inv_temperature=inv_temperature, ignore_index=int(ignore_index),
+                                with_entropy=bool(return_entropy))[-1]
+        return _token_outputs(outputs, labels.shape, bool(return_entropy))
     return _TokenLogprobsFunction.apply(logits, labels, inv_temperature, int(ignore_index), bool(return_entropy))
 
 
@@ -300,4 +315,9 @@ def logprob_kl(
     if not _dispatch.has_kernel(logits.device):
         return reference.logprob_kl(logits, labels, ref_logprobs, kl=kl, temperature=temperature,
                                     ignore_index=ignore_index)
-    return _LogprobKlFunction.apply(logits, labels, ref_logprobs, kl, inv_temperature, int(ignore_index))
+    flat_ref = _flat_fp32(ref_logprobs.detach())
+    if not _needs_grad(logits):
+        outputs = _forward_pass(logits, labels, inv_temperature=inv_temperature, ignore_index=int(ignore_index),
+                                flat_ref=flat_ref, kl=kl)[-1]
+        return outputs.logprobs.view(labels.shape), outputs.kl.view(labels.shape)
+    return _LogprobKlFunction.apply(logits, labels, flat_ref, kl, inv_temperature, int(ignore_index))
