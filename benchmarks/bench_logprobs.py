@@ -12,9 +12,10 @@ copy of the logits first).
   CPU: each variant runs in a fresh interpreter (this file run as a script), which warms the
   variant up on a tiny input (so libraries and thread pools are loaded), resets the resident-set
   high-water mark (writing "5" to /proc/self/clear_refs), runs the forward once and reports
-  VmHWM after minus VmRSS before. RSS cannot see allocations served from heap pages that are
-  already resident, so each figure is at least the bytes of the `[N]` fp32 tensors the call is
-  known to allocate (stema: log-probs and logsumexp; baseline: log-probs). With quick=True the
+  VmHWM after minus VmRSS before. The children run with a fixed glibc mmap threshold (64 KiB) so
+  that tensors from 64 KiB up get fresh pages; RSS cannot see smaller allocations served from heap
+  pages that are already resident, so each figure is at least the bytes of the `[N]` fp32 tensors
+  the call is known to allocate (stema: log-probs and logsumexp; baseline: log-probs). With quick=True the
   interpreters run concurrently (memory figures do not depend on timing), one after the other
   otherwise (the full-size ones hold gigabytes each).
   CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the memory
@@ -145,7 +146,11 @@ def peak_extra_bytes_in_this_process(variant: str, dtype_name: str, rows: int, v
 
 def _cpu_peak_extra_bytes(jobs: list[tuple[str, str]], rows: int, vocab: int, *, concurrent: bool) -> dict:
     """{(variant, dtype): bytes}, each measured by a fresh interpreter running this file."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
+    # A fixed glibc mmap threshold gives every tensor of 64 KiB or more fresh pages, which RSS sees;
+    # glibc otherwise raises the threshold as large blocks are freed and serves such tensors from
+    # heap pages that are already resident.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path),
+               MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
 
     def start(variant: str, dtype: str) -> subprocess.Popen:
         command = [sys.executable, os.path.abspath(__file__), "--peak-extra-bytes", variant, dtype, str(rows),

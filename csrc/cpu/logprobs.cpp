@@ -38,7 +38,8 @@ namespace {
 
 constexpr int kLanes = 16;
 constexpr int64_t kChunk = 1024;  // fp32 values per chunk: 4 KiB, a multiple of kLanes
-constexpr int64_t kParallelMinElements = 1 << 15;
+// Below this many logits one thread is faster: waking a thread team costs more than the work.
+constexpr int64_t kParallelMinElements = 1 << 18;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ---- lanes: GCC/Clang vectors of 16 values (one AVX-512 register, two AVX2 or four SSE ones) ----
