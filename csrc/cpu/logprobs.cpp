@@ -3,9 +3,10 @@
 // Rows are spread over OpenMP threads. Each row is read once, in chunks of kChunk values that stay
 // in L1: a chunk is converted to fp32 and scaled by 1/temperature, its max is taken, the running
 // (max, sum exp, sum exp * shift) triple is rescaled if the max grew, then the chunk's exp terms are
-// added. Inner loops run over kLanes independent accumulators and use a branch-free exp, so GCC
-// vectorizes them without -ffast-math; on x86-64 Linux the row functions are compiled for AVX-512,
-// AVX2 and baseline x86-64 (target_clones) and the loader picks the best for the running CPU.
+// added. Inner loops work on GCC/Clang vectors of kLanes floats (explicit lanes rather than
+// auto-vectorization, which needs -ffast-math for reductions and gives up on the selects) with a
+// branch-free exp; on x86-64 Linux with GCC the row functions are compiled for AVX-512, AVX2 and
+// baseline x86-64 (target_clones) and the loader picks the best for the running CPU.
 #include <algorithm>
 #include <cmath>
 #include <cstring>

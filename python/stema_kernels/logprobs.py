@@ -15,6 +15,11 @@ recomputes p = exp(z - logsumexp) and writes the gradient in the logits' dtype i
     d logprob / d logits_j = (onehot_j - p_j) / temperature
     d entropy / d logits_j = -p_j * (log p_j + entropy) / temperature
 
+The kernels compute z as logits * (1 / temperature), within an ulp of the reference's division,
+and accumulate the entropy from shifts z - max, which avoids the cancellation of the reference's
+fp32 `lse - sum p z` (the two differ by up to ~1e-4 at V = 32000, the kernel being the closer to
+float64).
+
 Logits are read in place when the vocabulary dimension is contiguous and the leading dimensions
 collapse to at most two strides (so `logits[:, :-1]` of `[B, T, V]` needs no copy); otherwise a
 contiguous copy is made. Positions whose label is `ignore_index` give 0 and no gradient.
