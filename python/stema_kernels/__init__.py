@@ -8,7 +8,18 @@ device.
 from . import reference
 from ._dispatch import build_info
 from .gae import discounted_returns, gae
+from .logprobs import logprob_kl, token_logprobs
 from .refit import RefitPlan, refit_
 from .scheduler import Scheduler
 
-__all__ = ["RefitPlan", "Scheduler", "build_info", "discounted_returns", "gae", "reference", "refit_"]
+__all__ = [
+    "RefitPlan",
+    "Scheduler",
+    "build_info",
+    "discounted_returns",
+    "gae",
+    "logprob_kl",
+    "reference",
+    "refit_",
+    "token_logprobs",
+]
