@@ -5,8 +5,10 @@
     python benchmarks/run_all.py --quick          # tiny sizes (seconds), for a smoke run
     python benchmarks/run_all.py --write          # also replace this device's section of RESULTS.md
 
-Each `benchmarks/bench_<kernel>.py` exposes `measure(*, device, quick) -> list[dict]`; every figure
-is a ratio of STEMA to its baseline measured in the same process, in the same run, because absolute
+Each `benchmarks/bench_<kernel>.py` exposes `measure(*, device, quick) -> list[dict]` of rows with
+ROW_KEYS: `stema` and `baseline` are the raw figures (`higher_is_better` says which way that metric
+goes), `ratio` is always the improvement factor (> 1: STEMA is better), and `met` is
+`ratio >= goal`. Every figure is a ratio of STEMA to its baseline measured in the same process, in the same run, because absolute
 times on shared machines mean little.
 """
 

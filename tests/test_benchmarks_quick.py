@@ -31,11 +31,11 @@ def test_quick_measure_returns_finite_ratios(module):
     assert rows, "measure() returned no rows"
     for row in rows:
         run_all.check_row(row, Path(module.__file__).stem)
-        assert row["device"] == "cpu"
+        assert row["device"].startswith("cpu")
         assert row["stema"] > 0 and row["baseline"] > 0 and row["ratio"] > 0
         if row["goal"] is not None:
-            expected_met = row["ratio"] >= row["goal"] if row["higher_is_better"] else row["ratio"] <= row["goal"]
-            assert row["met"] == expected_met
+            # ratio is always the improvement factor; higher_is_better describes the raw metric
+            assert row["met"] == (row["ratio"] >= row["goal"])
 
 
 def test_results_table_replaces_only_its_own_device_section(tmp_path, monkeypatch):
