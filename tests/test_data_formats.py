@@ -19,7 +19,7 @@ CASES = [
     ("sft", "conversations",
      {"system": "Be brief.", "conversations": [{"from": "User", "value": "What is 2+2?"}, {"from": "Assistant", "value": "4"}], "mask": "User"},
      SFTExample([{"role": "system", "content": "Be brief."}, USER], [ANSWER], "")),
-    ("sft", "conversations", {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]},
+    ("sft", "conversations", {"system": "", "conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]},
      SFTExample([USER], [ANSWER], "")),
     ("sft", "prompt_completion", {"prompt": "2+2=", "completion": "4"}, SFTExample("2+2=", "4", "")),
     ("sft", "prompt_completion", {"prompt": [USER], "completion": [ANSWER]}, SFTExample([USER], [ANSWER], "")),
@@ -75,6 +75,8 @@ BAD = [
     ("sft", {"messages": [USER, ANSWER]}, {"messages": "hi"}, r"d\.jsonl:2: field 'messages': expected a non-empty list of messages"),
     ("sft", {"conversations": [{"from": "User", "value": "a"}, {"from": "Assistant", "value": "b"}]},
      {"conversations": [{"from": "Robot", "value": "a"}]}, r"d\.jsonl:2: field 'conversations\[0\]': 'from' must be one of"),
+    ("sft", {"conversations": [{"from": "User", "value": "a"}, {"from": "Assistant", "value": "b"}]},
+     {"system": "s", "conversations": [{"from": "User", "value": "a"}, {"from": "Assistant", "value": " "}]}, r"d\.jsonl:2: field 'conversations\[1\]': the assistant message is empty"),
     ("sft", {"text": "a"}, {"text": None}, r"d\.jsonl:2: field 'text' is missing"),
     ("preference", {"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": ""}, r"d\.jsonl:2: field 'rejected' is empty"),
     ("preference", {"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, r"d\.jsonl:2: field 'margin': expected a finite number, got str 'big'"),
@@ -103,7 +105,7 @@ def test_undetectable_format_lists_the_fields_seen_and_the_known_formats(tmp_pat
 def test_explicit_format_must_exist_and_fit_the_kind(tmp_path):
     with pytest.raises(DataError, match=r"data.format: unknown format 'chatml'; sft formats are: auto, messages, conversations, prompt_completion, input_output, text"):
         parse_jsonl(tmp_path, [{"text": "a"}], "sft", format="chatml")
-    with pytest.raises(DataError, match=r"data.format: 'messages' is a sft format, but preference data is read here"):
+    with pytest.raises(DataError, match=r"data.format: 'messages' is a format for sft data, but preference data is read here"):
         parse_jsonl(tmp_path, [{"text": "a"}], "preference", format="messages")
     with pytest.raises(DataError, match=r"d\.jsonl:1: field 'input' is missing, so the record does not match the 'input_output' format given by data.format"):
         parse_jsonl(tmp_path, [{"text": "a"}], "sft", format="input_output")

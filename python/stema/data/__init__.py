@@ -1,12 +1,21 @@
 """Training data: read files, detect and validate formats, tokenize, pack and collate; the built-in task.
 
-    examples = parse_records(read_records("train.jsonl"), kind="sft")   # every record validated
-    tokenized = [tokenize_sft(example, tokenizer, max_length=512) for example in examples]
+    examples, report = load_sft_data(cfg.data, tokenizer)   # every record validated before any is tokenized
+    print(report.summary())
+    batch = collate_sft(examples[:8], tokenizer.pad_token_id)
 
 Errors for bad input are `DataError`, whose message starts with where (`train.jsonl:12:`) and names the field.
 """
 
 from stema.data.collate import collate_attributes, collate_pairs, collate_prompts, collate_sft, collate_unpaired
+from stema.data.dataset import (
+    load_attribute_data,
+    load_preference_data,
+    load_prompts,
+    load_sft_data,
+    load_unpaired_data,
+    read_examples,
+)
 from stema.data.errors import DataError
 from stema.data.formats import (
     AttributeExample,
@@ -18,7 +27,7 @@ from stema.data.formats import (
     parse_records,
 )
 from stema.data.io import Record, read_records
-from stema.data.packing import PackedRow, collate_packed, pack_sft
+from stema.data.packing import PackedRow, collate_packed, pack_sft, packed_attention_for
 from stema.data.tokenize import (
     LengthReport,
     TokenizedAttributes,
@@ -57,8 +66,15 @@ __all__ = [
     "collate_unpaired",
     "detect_format",
     "encode_prompt",
+    "load_attribute_data",
+    "load_preference_data",
+    "load_prompts",
+    "load_sft_data",
+    "load_unpaired_data",
     "pack_sft",
+    "packed_attention_for",
     "parse_records",
+    "read_examples",
     "read_records",
     "tokenize_attributes",
     "tokenize_preference",

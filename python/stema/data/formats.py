@@ -101,34 +101,38 @@ Example = SFTExample | PreferenceExample | AttributeExample | UnpairedExample | 
 
 @dataclass(frozen=True)
 class Format:
-    """A registered data format: the fields that identify it and the function that reads one record."""
+    """A registered data format: the fields that identify it and the function that reads one record.
+
+    `attribute_columns`: records also hold one column per name in data.attributes (at least one present).
+    """
 
     name: str
     kind: Kind
     fields: tuple[str, ...]
     parse: Callable[[Mapping[str, Any], str, Sequence[str]], Example]
+    attribute_columns: bool = False
 
     def missing(self, fields: Mapping[str, Any], attributes: Sequence[str]) -> list[str]:
-        """The identifying fields absent (or null) in `fields`; helpsteer also needs one attribute column."""
+        """The identifying fields absent (or null) in `fields`."""
         absent = [name for name in self.fields if fields.get(name) is None]
-        if self.name == "helpsteer" and all(fields.get(name) is None for name in attributes):
+        if self.attribute_columns and all(fields.get(name) is None for name in attributes):
             absent.append(" or ".join(attributes) or "(no attribute names given in data.attributes)")
         return absent
 
     def describe(self, attributes: Sequence[str]) -> str:
-        extra = f" + attribute columns ({', '.join(attributes)})" if self.name == "helpsteer" else ""
+        extra = f" + attribute columns ({', '.join(attributes)})" if self.attribute_columns else ""
         return f"{self.name} ({', '.join(self.fields)}{extra})"
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def register_format(name: str, *, kind: Kind, fields: tuple[str, ...]):
+def register_format(name: str, *, kind: Kind, fields: tuple[str, ...], attribute_columns: bool = False):
     """Register `parse(fields, location, attributes) -> Example` as format `name`; detection tries formats of a
     kind in registration order, so a format whose fields include another's is registered first."""
 
     def register(parse):
-        FORMATS[name] = Format(name, kind, fields, parse)
+        FORMATS[name] = Format(name, kind, fields, parse, attribute_columns)
         return parse
 
     return register
@@ -153,7 +157,7 @@ def resolve_format(name: str, *, kind: Kind) -> Format:
     if name not in FORMATS:
         raise DataError(f"data.format: unknown format {name!r}; {kind} formats are: auto, {names}")
     if FORMATS[name].kind != kind:
-        raise DataError(f"data.format: {name!r} is a {FORMATS[name].kind} format, but {kind} data is read here; {kind} formats are: auto, {names}")
+        raise DataError(f"data.format: {name!r} is a format for {FORMATS[name].kind} data, but {kind} data is read here; {kind} formats are: auto, {names}")
     return FORMATS[name]
 
 
@@ -376,7 +380,7 @@ def _regression(fields, location, attributes):
     return AttributeExample("", text, values, location)
 
 
-@register_format("helpsteer", kind="attributes", fields=("prompt", "response"))
+@register_format("helpsteer", kind="attributes", fields=("prompt", "response"), attribute_columns=True)
 def _helpsteer(fields, location, attributes):
     prompt = _text_or_messages(fields, "prompt", location, allow_empty=True)
     response = _response(fields, "response", location, prompt)

@@ -75,7 +75,8 @@ class LengthReport:
             self.truncated += 1
             return self.max_length
         self.dropped += 1
-        self.dropped_long_prompt += prompt_length >= self.max_length
+        if prompt_length >= self.max_length:
+            self.dropped_long_prompt += 1
         return None
 
 
