@@ -77,7 +77,7 @@ def test_records_must_agree_on_attribute_count_and_optional_pair_scores(tmp_path
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'label': 3 attribute values, but the first record \(.*d\.jsonl:1\) has 2"):
         load_attribute_data(DataConfig(train=jsonl(tmp_path, rows)), tiny.build_tokenizer())
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.0}, {"prompt": "p", "chosen": "a", "rejected": "b"}]
-    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'margin' is missing here but not in the first record"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'margin' is missing here but given in the first record"):
         load_preference_data(DataConfig(train=jsonl(tmp_path, rows)), tiny.build_tokenizer())
 
 

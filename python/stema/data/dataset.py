@@ -60,7 +60,9 @@ def read_examples(data_cfg: Any, *, kind: Kind, split: Split = "train") -> list[
 
 def _check_consistent(examples: list[Example]) -> None:
     """Fields that must agree across records: attribute counts, and which optional pair scores are given."""
-    first = examples[0] if examples else None
+    if not examples:
+        return
+    first = examples[0]
     for example in examples[1:]:
         if isinstance(example, AttributeExample) and len(example.labels) != len(first.labels):
             raise DataError(
@@ -70,8 +72,11 @@ def _check_consistent(examples: list[Example]) -> None:
         if isinstance(example, PreferenceExample):
             for name in ("chosen_reward", "rejected_reward", "margin"):
                 if (getattr(example, name) is None) != (getattr(first, name) is None):
-                    state = "missing" if getattr(example, name) is None else "given"
-                    raise DataError(f"{example.location}: field '{name}' is {state} here but not in the first record ({first.location}); give it in all records or none")
+                    here, there = ("missing", "given") if getattr(example, name) is None else ("given", "missing")
+                    raise DataError(
+                        f"{example.location}: field '{name}' is {here} here but {there} in the first record "
+                        f"({first.location}); give it in all records or none"
+                    )
 
 
 def _load(data_cfg: Any, tokenizer: Any, *, kind: Kind, split: Split, tokenize: Callable[..., Any], **options: Any) -> tuple[list, LengthReport]:
