@@ -73,7 +73,17 @@ class DataConfig:
     """Training and evaluation data."""
 
     train: str = option("", "Training data: a .jsonl/.json/.parquet file or a datasets.save_to_disk folder; 'builtin' for the built-in task.")
-    eval: str | None = option(None, "Evaluation data in the same formats (optional).")
+    eval: str | None = option(None, "Evaluation data in the same formats (optional); 'builtin' for held-out built-in questions.")
+    format: str = option(
+        "auto",
+        "Record format: 'auto' detects it from the first record; or messages, conversations, prompt_completion, input_output, "
+        "text (SFT); preference, implicit_preference, nemo_preference; regression, helpsteer (attributes); unpaired; prompt.",
+    )
+    attributes: list[str] = option(
+        ["helpfulness", "correctness", "coherence", "complexity", "verbosity"], "Attribute columns of 'helpsteer' data, in label order."
+    )
+    builtin_size: int = option(2000, "Training examples drawn from the built-in arithmetic task when train is 'builtin'.")
+    builtin_eval_size: int = option(200, "Held-out built-in examples when eval is 'builtin'.")
     max_length: int = option(512, "Longest tokenized example (prompt + completion).")
     truncation: Literal["error", "drop", "truncate"] = option(
         "drop", "Over-long examples: 'error' stops, 'drop' skips them, 'truncate' cuts the completion end; each is counted and reported."
