@@ -101,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"stema {command.name}: config error: {error}", file=sys.stderr)
         return 2
-    command.run(config)
+    from stema.data.errors import DataError
+
+    try:
+        command.run(config)
+    except (ConfigError, DataError) as error:
+        print(f"stema {command.name}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -27,7 +27,7 @@ from stema.training.setup import report_data, start_run
 
 def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Rewards `[N, k]` (fp32) of the N sequences of a batch, read at each last non-pad token."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.float()
 
 
 def _on_device(batch: dict, device: torch.device) -> dict:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import stema_kernels
 from stema.config import SFTConfig
-from stema.data import collate_packed, collate_sft, load_sft_data, pack_sft
+from stema.data import collate_packed, collate_sft, load_sft_data, pack_sft, packed_attention_for
 from stema.data.tokenize import TokenizedSFT
 from stema.losses import get_loss
 from stema.models.loading import export_hf, load_policy
@@ -42,7 +42,9 @@ def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(token log-probs `[B, T]`, loss mask `[B, T]`) of each sequence's labelled next tokens."""
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-    logits = model(**inputs).logits  # [B, T, V]
+    # No KV cache in training; packed rows also rely on it (transformers builds the per-example
+    # mask from restarting position_ids only when there is no cache).
+    logits = model(**inputs, use_cache=False).logits  # [B, T, V]
     targets = next_token_labels(batch["labels"])
     logprobs = stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX)  # [B, T] fp32
     return logprobs, targets != IGNORE_INDEX
@@ -56,9 +58,11 @@ def count_loss_tokens(examples: Sequence[TokenizedSFT]) -> int:
 class SFTAlgorithm:
     name = "sft"
 
-    def __init__(self, *, pad_id: int, packing: bool, max_length: int, micro_batch_size: int):
+    def __init__(self, *, pad_id: int, packing: bool, max_length: int, micro_batch_size: int, attn_implementation: str):
         self.pad_id = pad_id
         self.packing = packing
+        # Packed rows need a mask that keeps examples apart, of the kind the attention expects.
+        self.packed_attention = packed_attention_for(attn_implementation) if packing else None
         self.max_length = max_length
         self.micro_batch_size = micro_batch_size
         self.loss_fn = get_loss("sft")
@@ -68,7 +72,7 @@ class SFTAlgorithm:
 
     def collate(self, examples):
         if self.packing:
-            return collate_packed(pack_sft(examples, max_length=self.max_length), self.pad_id)
+            return collate_packed(pack_sft(examples, max_length=self.max_length), self.pad_id, attention=self.packed_attention)
         return collate_sft(examples, self.pad_id)
 
     def loss(self, model, batch, denominators):
@@ -108,6 +112,7 @@ def run(config: SFTConfig) -> TrainResult:
         packing=config.data.packing,
         max_length=config.data.max_length,
         micro_batch_size=config.trainer.micro_batch_size,
+        attn_implementation=config.model.attn_implementation,
     )
     result = train(
         model=model,

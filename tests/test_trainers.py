@@ -1,0 +1,131 @@
+"""End to end: `stema sft` and `stema rm` on the built-in tiny model and task, and on tiny random
+models of real architecture families, through the CLI; exports that transformers loads as they are;
+a killed run resumed onto the same loss curve."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from stema.cli import main
+from stema.config import RMConfig, SFTConfig, load_config
+from stema.models.families import save_family_model
+from stema.training.checkpoint import list_checkpoints
+from stema.training.logging import read_metrics
+
+SMALL = [
+    "data.train=builtin", "data.builtin_size=64", "data.max_length=48",
+    "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
+    "trainer.progress_bar=false", "trainer.tensorboard=false",
+]
+
+
+def cli(command, tmp_path, *overrides):
+    argv = [command, f"trainer.output_dir={tmp_path}", *SMALL, *overrides]
+    assert main(argv) == 0
+    return tmp_path
+
+
+def test_sft_on_the_builtin_task_learns_and_exports_an_hf_folder(tmp_path):
+    out = cli("sft", tmp_path, "trainer.max_steps=12", "optim.lr=3e-3", "data.eval=builtin", "data.builtin_eval_size=16")
+    losses = [record["loss"] for record in read_metrics(out, "train")]
+    assert len(losses) == 12 and losses[-1] < losses[0] * 0.7
+    evaluation = read_metrics(out, "eval")[-1]
+    assert evaluation["perplexity"] > 1.0 and evaluation["tokens"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")
+    assert model.config.model_type == "llama" and tokenizer.eos_token == "<|end|>"
+    saved = load_config(SFTConfig, out / "config.yaml")
+    assert saved.trainer.max_steps == 12 and saved.data.train == "builtin"
+
+
+def test_sft_micro_batching_equals_the_full_batch(tmp_path):
+    cli("sft", tmp_path / "a", "trainer.max_steps=3", "trainer.micro_batch_size=8", "trainer.export_hf=false")
+    cli("sft", tmp_path / "b", "trainer.max_steps=3", "trainer.micro_batch_size=2", "trainer.export_hf=false")
+    a = [r["loss"] for r in read_metrics(tmp_path / "a", "train")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "b", "train")]
+    assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_sft_killed_after_a_checkpoint_resumes_onto_the_same_curve(tmp_path):
+    common = ("trainer.max_steps=6", "trainer.save_every=3", "trainer.export_hf=false")
+    straight = cli("sft", tmp_path / "straight", *common)
+    # A run that died after its step-3 checkpoint: the same run with what came later removed.
+    died = cli("sft", tmp_path / "died", *common)
+    for step, folder in list_checkpoints(died / "checkpoints"):
+        if step > 3:
+            shutil.rmtree(folder)
+    records = read_metrics(died)
+    (died / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 3))
+    cli("sft", died, *common, "trainer.resume=true")
+    assert [r["loss"] for r in read_metrics(died, "train")] == [r["loss"] for r in read_metrics(straight, "train")]
+
+
+def test_sft_packing_runs_and_counts_every_example(tmp_path):
+    out = cli("sft", tmp_path, "trainer.max_steps=2", "data.packing=true", "trainer.export_hf=false")
+    assert len(read_metrics(out, "train")) == 2
+
+
+def test_pairwise_reward_model_trains_and_exports_for_sequence_classification(tmp_path):
+    out = cli("rm", tmp_path, "trainer.max_steps=8", "optim.lr=2e-3", "data.eval=builtin", "data.builtin_eval_size=16")
+    evaluation = read_metrics(out, "eval")[-1]
+    assert 0.0 <= evaluation["accuracy"] <= 1.0 and "margin" in evaluation
+    model = AutoModelForSequenceClassification.from_pretrained(out / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")
+    assert model.config.num_labels == 1
+    batch = tokenizer(["<s><|user|>What is 1+1?<|end|><|assistant|>2<|end|>"], return_tensors="pt")
+    assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_regression_reward_model_on_attribute_data(tmp_path):
+    data = tmp_path / "attributes.jsonl"
+    rows = [{"text": "a" * (i % 7 + 1), "label": [float(i % 7), -100.0 if i % 3 else 1.0]} for i in range(16)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    argv = ["rm", f"trainer.output_dir={out}", f"data.train={data}", "reward.loss=regression", "reward.num_attributes=2",
+            "trainer.max_steps=3", "trainer.global_batch_size=8", "trainer.micro_batch_size=8",
+            "trainer.progress_bar=false", "trainer.tensorboard=false", "optim.lr=1e-3"]
+    assert main(argv) == 0
+    assert "mse" in read_metrics(out, "train")[-1]
+    assert AutoModelForSequenceClassification.from_pretrained(out / "hf").config.num_labels == 2
+
+
+def test_lora_sft_and_rm_export_merged_models(tmp_path):
+    lora = ["model.lora.enabled=true", "model.lora.r=4", "trainer.max_steps=2"]
+    sft = cli("sft", tmp_path / "sft", *lora)
+    assert AutoModelForCausalLM.from_pretrained(sft / "hf").config.model_type == "llama"
+    rm = cli("rm", tmp_path / "rm", *lora)
+    assert AutoModelForSequenceClassification.from_pretrained(rm / "hf").config.num_labels == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2", "gemma"])
+def test_sft_and_rm_on_real_architecture_families(tmp_path, family):
+    path = save_family_model(tmp_path / family, family)
+    for command in ("sft", "rm"):
+        out = cli(command, tmp_path / command, f"model.path={path}", "trainer.max_steps=2", "trainer.export_hf=false")
+        losses = [r["loss"] for r in read_metrics(out, "train")]
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_bad_data_stops_before_training_naming_file_line_and_field(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "1+1", "completion": "2"}\n{"prompt": "2+2"}\n')
+    assert main(["sft", f"trainer.output_dir={tmp_path / 'run'}", f"data.train={data}", "trainer.progress_bar=false"]) == 2
+    message = capsys.readouterr().err
+    assert "bad.jsonl:2" in message and "completion" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_shipped_config_loads_and_validates():
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    from stema.cli import COMMANDS
+
+    found = sorted(examples.rglob("*.yaml"))
+    assert len(found) >= 4
+    for path in found:
+        command = path.relative_to(examples).parts[0]
+        assert command in COMMANDS, f"{path}: put configs under examples/<command>/"
+        load_config(COMMANDS[command].config_class(), path)
