@@ -1,0 +1,174 @@
+"""`stema demo`: the built-in tiny model and arithmetic task end to end on a CPU, with no download.
+
+A recipe on top of the trainers (it wires them; no library code imports it):
+1. `base`: write the tiny Llama (random weights) and measure held-out exact-match accuracy.
+2. `sft`: supervised fine-tuning on the built-in questions and answers; accuracy again.
+3. `rm`: a Bradley-Terry reward model from the SFT model on the built-in preference pairs
+   (right answer vs a plausible mistake); pairwise accuracy on held-out pairs.
+Later stages (dpo, ppo, steerlm, spin, rs) join as their algorithms land.
+
+Writes into `out`: `results.json` (numbers keyed by stage; held-out exact-match accuracy under
+`accuracy`), `results.md` (the table it prints), `<stage>_loss.png` curves, and each stage's run
+folder with its exported Hugging Face model under `<stage>/hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from stema.config import DataConfig, DemoConfig, ModelConfig, OptimConfig, RMConfig, SFTConfig, TrainerConfig
+from stema.data import builtin
+from stema.evaluation import mean_reward
+from stema.models.tiny import TinyModelSpec, save_tiny_model
+from stema.training.logging import read_metrics
+
+MAX_NEW_TOKENS = 6  # answers are at most 3 digits, then <|end|>
+DEFAULT_STAGES = ("sft", "rm")
+
+
+def _say(message: str) -> None:
+    print(f"[stema demo] {message}", file=sys.stderr, flush=True)
+
+
+class Demo:
+    """State shared by the stages: the folders, the held-out prompts, the results so far."""
+
+    def __init__(self, config: DemoConfig):
+        self.config = config
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.heldout = builtin.heldout_prompts(config.num_heldout, config.seed)
+        self.results: dict[str, dict] = {}
+        self.policy_path: Path | None = None  # the newest policy (base, then sft, ...)
+
+    def trainer_config(self, stage: str, *, steps: int) -> TrainerConfig:
+        return TrainerConfig(
+            output_dir=str(self.out / stage),
+            max_steps=steps,
+            global_batch_size=self.config.batch_size,
+            micro_batch_size=self.config.batch_size,
+            eval_every=max(1, steps // 5),
+            seed=self.config.seed,
+            progress_bar=self.config.progress_bar,
+        )
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(
+            train="builtin", eval="builtin", builtin_size=self.config.num_train,
+            builtin_eval_size=self.config.num_heldout, max_length=64,
+        )
+
+    def accuracy(self, model_path: Path) -> float:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        return mean_reward(model, tokenizer, self.heldout, builtin.reward, max_new_tokens=MAX_NEW_TOKENS)
+
+
+def stage_base(demo: Demo) -> dict:
+    path = save_tiny_model(demo.out / "base", TinyModelSpec(seed=demo.config.seed))
+    demo.policy_path = path
+    return {"accuracy": demo.accuracy(path)}
+
+
+def stage_sft(demo: Demo) -> dict:
+    from stema.trainers import sft
+
+    config = SFTConfig(
+        model=ModelConfig(path=str(demo.policy_path)),
+        data=demo.data_config(),
+        optim=OptimConfig(lr=3e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1),
+        trainer=demo.trainer_config("sft", steps=demo.config.sft_steps),
+    )
+    result = sft.run(config)
+    demo.policy_path = Path(config.trainer.output_dir) / "hf"
+    return {"accuracy": demo.accuracy(demo.policy_path), "eval_loss": result.eval_metrics["loss"]}
+
+
+def stage_rm(demo: Demo) -> dict:
+    from stema.trainers import reward
+
+    config = RMConfig(
+        model=ModelConfig(path=str(demo.policy_path)),
+        data=demo.data_config(),
+        optim=OptimConfig(lr=1e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1),
+        trainer=demo.trainer_config("rm", steps=demo.config.rm_steps),
+    )
+    result = reward.run(config)
+    return {"pairwise_accuracy": result.eval_metrics["accuracy"], "margin": result.eval_metrics["margin"]}
+
+
+STAGES: dict[str, Callable[[Demo], dict]] = {"sft": stage_sft, "rm": stage_rm}
+
+
+def resolve_stages(text: str) -> list[str]:
+    if text in ("default", ""):
+        return list(DEFAULT_STAGES)
+    if text == "all":
+        return list(STAGES)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown demo stage(s) {unknown}; stages: {', '.join(STAGES)} (or 'default', 'all')")
+    return [name for name in STAGES if name in names]  # always in pipeline order
+
+
+def plot_curves(out: Path, stage: str) -> Path | None:
+    """`<stage>_loss.png`: training loss per step and evaluation loss, from the stage's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = read_metrics(out / stage, "train")
+    evaluation = read_metrics(out / stage, "eval")
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", linewidth=1)
+    if evaluation and "loss" in evaluation[0]:
+        axis.plot([r["step"] for r in evaluation], [r["loss"] for r in evaluation], "o-", label="eval loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(f"stema demo: {stage}")
+    axis.legend()
+    figure.tight_layout()
+    path = out / f"{stage}_loss.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def format_table(results: dict[str, dict]) -> str:
+    lines = [
+        "| stage | held-out exact match | RM pairwise accuracy | seconds |",
+        "| --- | --- | --- | --- |",
+    ]
+    for stage, values in results.items():
+        accuracy = f"{values['accuracy']:.1%}" if "accuracy" in values else ""
+        pairwise = f"{values['pairwise_accuracy']:.1%}" if "pairwise_accuracy" in values else ""
+        lines.append(f"| {stage} | {accuracy} | {pairwise} | {values.get('seconds', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def run(config: DemoConfig) -> dict[str, dict]:
+    stages = resolve_stages(config.stages)
+    demo = Demo(config)
+    _say(f"stages: base, {', '.join(stages)}; output in {demo.out}")
+    for name, stage in [("base", stage_base)] + [(name, STAGES[name]) for name in stages]:
+        started = time.perf_counter()
+        _say(f"stage {name} ...")
+        values = stage(demo)
+        values["seconds"] = round(time.perf_counter() - started, 1)
+        demo.results[name] = values
+        if name != "base":
+            plot_curves(demo.out, name)
+        (demo.out / "results.json").write_text(json.dumps(demo.results, indent=2) + "\n")
+        _say(f"stage {name}: {values}")
+    table = format_table(demo.results)
+    (demo.out / "results.md").write_text(table + "\n")
+    print(table)
+    return demo.results
