@@ -125,3 +125,16 @@ def test_too_little_data_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no full global batch of 64"):
         train(model=make_model(), algorithm=Regression(), train_examples=make_data(), eval_examples=None,
               trainer_cfg=trainer_cfg, optim_cfg=OptimConfig())
+
+
+def test_tensorboard_events_are_written_when_enabled(tmp_path):
+    pytest.importorskip("tensorboard")
+    trainer_cfg = TrainerConfig(output_dir=str(tmp_path), max_steps=2, global_batch_size=8, micro_batch_size=8,
+                                progress_bar=False, tensorboard=True)
+    train(model=make_model(), algorithm=Regression(), train_examples=make_data(), eval_examples=None,
+          trainer_cfg=trainer_cfg, optim_cfg=OptimConfig())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2]
