@@ -250,9 +250,24 @@ def load_reward_model(model_cfg: ModelConfig, *, num_labels: int, cache_dir: str
     path = resolve_model_path(model_cfg, cache_dir=cache_dir)
     tokenizer = load_tokenizer(path)
     _check_saved_head(path, num_labels)
-    model, loading_info = _from_pretrained(
-        AutoModelForSequenceClassification, path, model_cfg, num_labels=num_labels, output_loading_info=True
-    )
+    from transformers.utils import logging as transformers_logging
+
+    # transformers reports the new head as "MISSING" on every load from a causal LM; STEMA checks
+    # the loading info itself below, so silence that report for this one call.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, loading_info = _from_pretrained(
+            AutoModelForSequenceClassification, path, model_cfg, num_labels=num_labels, output_loading_info=True
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing_backbone = [key for key in loading_info["missing_keys"] if not key.startswith(f"{SCORE_HEAD}.")]
+    if missing_backbone:
+        raise ConfigError(
+            f"model.path: {path} lacks {len(missing_backbone)} backbone weight(s) the reward model needs "
+            f"(first: {missing_backbone[:3]}); they would start random"
+        )
     head = getattr(model, SCORE_HEAD, None)
     if not isinstance(head, torch.nn.Linear):
         raise ConfigError(
@@ -261,6 +276,7 @@ def load_reward_model(model_cfg: ModelConfig, *, num_labels: int, cache_dir: str
         )
     if any(key.startswith(f"{SCORE_HEAD}.") for key in loading_info["missing_keys"]):
         init_score_head(head, seed=seed)
+        logger.info("reward head '%s' %s is new: initialized with seed %d", SCORE_HEAD, list(head.weight.shape), seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = _prepare_for_training(model, model_cfg, task_type="SEQ_CLS", modules_to_save=[SCORE_HEAD])
     return model, tokenizer
