@@ -20,18 +20,15 @@ from stema.config import RMConfig
 from stema.data import collate_attributes, collate_pairs, load_attribute_data, load_preference_data
 from stema.losses import get_loss
 from stema.losses.reward import IGNORE_LABEL
-from stema.models.loading import export_hf, load_reward_model
+from stema.models.loading import load_reward_model
 from stema.training import TrainResult, train
-from stema.training.setup import report_data, start_run
+from stema.training.loop import evaluate_sums
+from stema.training.setup import export_model, load_splits, start_run
 
 
 def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Rewards `[N, k]` (fp32) of the N sequences of a batch, read at each last non-pad token."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.float()
-
-
-def _on_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 class PairwiseRewardAlgorithm:
@@ -68,14 +65,7 @@ class PairwiseRewardAlgorithm:
         return int(batch["attention_mask"].sum())
 
     def evaluate(self, model, examples: Sequence):
-        device = next(model.parameters()).device
-        totals: dict[str, float] = {}
-        for start in range(0, len(examples), self.micro_batch_size):
-            batch = _on_device(self.collate(examples[start : start + self.micro_batch_size]), device)
-            loss, metrics = self.loss(model, batch, {"pairs": len(examples)})
-            for key, value in {"loss": loss, **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-        return totals
+        return evaluate_sums(model, self, examples, micro_batch_size=self.micro_batch_size)
 
 
 class RegressionRewardAlgorithm:
@@ -99,15 +89,7 @@ class RegressionRewardAlgorithm:
         return int(batch["attention_mask"].sum())
 
     def evaluate(self, model, examples: Sequence):
-        device = next(model.parameters()).device
-        denominators = self.denominators(examples)
-        totals: dict[str, float] = {}
-        for start in range(0, len(examples), self.micro_batch_size):
-            batch = _on_device(self.collate(examples[start : start + self.micro_batch_size]), device)
-            loss, metrics = self.loss(model, batch, denominators)
-            for key, value in {"loss": loss, **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-        return totals
+        return evaluate_sums(model, self, examples, micro_batch_size=self.micro_batch_size)
 
 
 def run(config: RMConfig) -> TrainResult:
@@ -129,12 +111,7 @@ def run(config: RMConfig) -> TrainResult:
     else:
         load = load_attribute_data
         algorithm = RegressionRewardAlgorithm(pad_id=tokenizer.pad_token_id, micro_batch_size=config.trainer.micro_batch_size)
-    train_examples, train_report = load(config.data, tokenizer, "train")
-    report_data(run_info, "train", train_examples, train_report)
-    eval_examples = None
-    if config.data.eval:
-        eval_examples, eval_report = load(config.data, tokenizer, "eval")
-        report_data(run_info, "eval", eval_examples, eval_report)
+    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load)
     result = train(
         model=model,
         algorithm=algorithm,
@@ -144,8 +121,6 @@ def run(config: RMConfig) -> TrainResult:
         optim_cfg=config.optim,
         shuffle=config.data.shuffle,
     )
-    if config.trainer.export_hf:
-        path = export_hf(model, tokenizer, run_info.export_dir, merge_lora=config.model.lora.merge_on_export)
-        run_info.say(f"exported the reward model to {path}")
+    export_model(run_info, config, model, tokenizer)
     run_info.say(f"done after {result.step} steps; eval {result.eval_metrics}")
     return result

@@ -24,9 +24,10 @@ from stema.config import SFTConfig
 from stema.data import collate_packed, collate_sft, load_sft_data, pack_sft, packed_attention_for
 from stema.data.tokenize import TokenizedSFT
 from stema.losses import get_loss
-from stema.models.loading import export_hf, load_policy
+from stema.models.loading import load_policy
 from stema.training import TrainResult, train
-from stema.training.setup import report_data, start_run
+from stema.training.loop import evaluate_sums
+from stema.training.setup import export_model, load_splits, start_run
 
 IGNORE_INDEX = -100
 
@@ -85,28 +86,16 @@ class SFTAlgorithm:
         return int((batch["input_ids"] != self.pad_id).sum())
 
     def evaluate(self, model, examples):
-        device = next(model.parameters()).device
-        total_nll, total_tokens = 0.0, 0
-        for start in range(0, len(examples), self.micro_batch_size):
-            batch = collate_sft(examples[start : start + self.micro_batch_size], self.pad_id)
-            batch = {key: value.to(device) for key, value in batch.items()}
-            logprobs, mask = sequence_logprobs(model, batch)
-            total_nll -= float((logprobs * mask).sum())
-            total_tokens += int(mask.sum())
-        loss = total_nll / max(1, total_tokens)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+        totals = evaluate_sums(model, self, examples, micro_batch_size=self.micro_batch_size)
+        tokens = self.denominators(examples)["tokens"]
+        return {"loss": totals["loss"], "perplexity": math.exp(min(totals["loss"], 50.0)), "tokens": tokens}
 
 
 def run(config: SFTConfig) -> TrainResult:
     run_info = start_run(config, command="sft")
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model.to(run_info.device)
-    train_examples, train_report = load_sft_data(config.data, tokenizer, "train")
-    report_data(run_info, "train", train_examples, train_report)
-    eval_examples = None
-    if config.data.eval:
-        eval_examples, eval_report = load_sft_data(config.data, tokenizer, "eval")
-        report_data(run_info, "eval", eval_examples, eval_report)
+    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_sft_data)
     algorithm = SFTAlgorithm(
         pad_id=tokenizer.pad_token_id,
         packing=config.data.packing,
@@ -123,8 +112,6 @@ def run(config: SFTConfig) -> TrainResult:
         optim_cfg=config.optim,
         shuffle=config.data.shuffle,
     )
-    if config.trainer.export_hf:
-        path = export_hf(model, tokenizer, run_info.export_dir, merge_lora=config.model.lora.merge_on_export)
-        run_info.say(f"exported the model to {path}")
+    export_model(run_info, config, model, tokenizer)
     run_info.say(f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}")
     return result

@@ -96,6 +96,21 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
+def evaluate_sums(model: torch.nn.Module, algorithm: Algorithm, examples: Sequence[Any], *, micro_batch_size: int) -> dict[str, float]:
+    """Loss and metrics of `examples` taken as ONE global batch: each micro-batch is scored with the
+    whole set's denominators and the results are summed (the losses' convention), so the values
+    are exact means over the set. Call under no_grad (run_evaluation does)."""
+    device = next(model.parameters()).device
+    denominators = algorithm.denominators(examples)
+    totals: dict[str, float] = {}
+    for start in range(0, len(examples), micro_batch_size):
+        batch = _to_device(algorithm.collate(examples[start : start + micro_batch_size]), device)
+        loss, metrics = algorithm.loss(model, batch, denominators)
+        for key, value in {"loss": loss, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
 def run_evaluation(model: torch.nn.Module, algorithm: Algorithm, examples: Sequence[Any]) -> dict[str, float]:
     """Evaluation in eval mode, under no_grad, with the RNG forked so that evaluating (even with
     sampling) never changes the training run's random stream: resume stays exact."""

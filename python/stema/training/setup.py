@@ -7,7 +7,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -57,3 +57,25 @@ def report_data(run: Run, split: str, examples: list, report: Any) -> None:
     run.say(f"{split} data: {len(examples)} examples; {report.summary()}")
     if not examples:
         raise ValueError(f"{split} data: no example is left after length handling ({report.summary()})")
+
+
+def load_splits(run: Run, data_cfg: Any, tokenizer: Any, load: Callable) -> tuple[list, list | None]:
+    """(train examples, eval examples or None) through one of `stema.data`'s loaders, each reported."""
+    train_examples, train_report = load(data_cfg, tokenizer, "train")
+    report_data(run, "train", train_examples, train_report)
+    if not data_cfg.eval:
+        return train_examples, None
+    eval_examples, eval_report = load(data_cfg, tokenizer, "eval")
+    report_data(run, "eval", eval_examples, eval_report)
+    return train_examples, eval_examples
+
+
+def export_model(run: Run, config: Any, model: Any, tokenizer: Any) -> Path | None:
+    """The final Hugging Face export (`<output_dir>/hf`), when `trainer.export_hf` is on."""
+    if not config.trainer.export_hf:
+        return None
+    from stema.models.loading import export_hf
+
+    path = export_hf(model, tokenizer, run.export_dir, merge_lora=config.model.lora.merge_on_export)
+    run.say(f"exported the model to {path}")
+    return path
