@@ -18,6 +18,7 @@ import torch
 
 import stema_kernels
 from stema_kernels import reference
+from common import best_seconds, device_label
 
 GAMMA = 0.99
 LAM = 0.95
@@ -55,35 +56,6 @@ def make_inputs(batch: int, length: int, device: str = "cpu", seed: int = 0):
     lengths = torch.randint(length // 4, length + 1, (batch, 1), generator=generator)
     mask = torch.arange(length)[None, :] < lengths
     return rewards.to(device), values.to(device), mask.to(device)
-
-
-def best_seconds(fn, *, device: str, repeats: int, warmup: int = 2) -> float:
-    """Best wall time of fn() over `repeats` runs after `warmup` runs (CUDA: synchronized).
-
-    Best-of-k rather than the median: on a shared CPU an OpenMP team can wait a whole scheduler
-    tick (4 ms) for a core, which says nothing about either implementation.
-    """
-
-    def synchronize() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def device_label(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} torch threads, {stema_kernels.build_info()['openmp_max_threads']} OpenMP)"
 
 
 def time_row(*, benchmark: str, case: str, stema_fn, baseline_fn, baseline_name: str, device: str, repeats: int):

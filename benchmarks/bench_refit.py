@@ -24,6 +24,7 @@ import torch
 
 import stema_kernels
 from stema_kernels import RefitPlan, reference, refit_
+from common import best_seconds, device_label
 
 LAYERS = 20
 HIDDEN = {"cpu": 320, "cuda": 1024}
@@ -47,36 +48,6 @@ def make_pairs(hidden: int, device: str, seed: int = 0):
     src = [torch.randn(shape, generator=generator).to(device) for shape in shapes]
     dst = [torch.empty(shape, dtype=torch.bfloat16, device=device) for shape in shapes]
     return dst, src
-
-
-def best_seconds(fn, *, device: str, repeats: int, warmup: int = 2) -> float:
-    """Best wall time of fn() over `repeats` runs after `warmup` runs (CUDA: synchronized, so the
-    host time to launch counts as well as the kernels).
-
-    Best-of-k rather than the median: on a shared CPU an OpenMP team can wait a whole scheduler
-    tick for a core, which says nothing about either implementation.
-    """
-
-    def synchronize() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def device_label(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} torch threads, {stema_kernels.build_info()['openmp_max_threads']} OpenMP)"
 
 
 def row(*, case: str, metric: str, stema: float, baseline: float, higher_is_better: bool, goal: float,

@@ -33,6 +33,8 @@ ROW_KEYS = ("benchmark", "case", "metric", "stema", "baseline", "ratio", "higher
 
 
 def load_benchmark_modules() -> list:
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))  # the benchmarks import their shared `common` module
     modules = []
     for path in sorted(BENCH_DIR.glob("bench_*.py")):
         spec = importlib.util.spec_from_file_location(f"stema_bench_{path.stem}", path)
