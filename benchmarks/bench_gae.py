@@ -12,7 +12,6 @@ Sizes: B = 256 rows of T = 1024 tokens, right padded (quick: B = 8, T = 32). Goa
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 

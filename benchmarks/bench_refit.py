@@ -18,7 +18,6 @@ GB/s counts the bytes read plus the bytes written.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
