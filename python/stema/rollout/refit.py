@@ -146,7 +146,8 @@ class EngineRefitter:
             if attribute == "weight":
                 return self._lora_merge_source(module, view, hf_name)
             module = module.get_base_layer()
-        return getattr(module, attribute).detach()
+        # The parameter itself, not a detached alias: the plan then notices if its storage is replaced.
+        return getattr(module, attribute)
 
     def _lora_merge_source(self, layer: torch.nn.Module, view: torch.Tensor, hf_name: str):
         """Registers the LoRA merge of `layer`: into `view` when the dtypes agree (returns None),
