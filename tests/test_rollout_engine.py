@@ -335,6 +335,9 @@ def test_bad_inputs_raise(tokenizer):
         engine.generate([[10**6]], SamplingParams())
     with pytest.raises(ValueError, match="max_batch"):
         engine.forward(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="move the model there first"):
+        GenerationEngine.from_hf(build_family_model("llama", tokenizer=tokenizer), max_batch=1, max_total_len=8,
+                                 device="meta")
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0), dict(stop_strings=[""])):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)

@@ -36,8 +36,6 @@ from .sampling import (
 
 __all__ = ["GenerationEngine", "PaddedRollout", "Rollout", "RolloutBatch", "SamplingParams"]
 
-FINISH_REASONS = ("eos", "stop", "length")
-
 
 @dataclass(frozen=True)
 class Rollout:
@@ -181,13 +179,20 @@ class GenerationEngine:
     def from_hf(cls, model: torch.nn.Module, *, dtype: torch.dtype | None = None, max_batch: int,
                 max_total_len: int, device: torch.device | str | None = None) -> GenerationEngine:
         """An engine holding a copy of `model`'s current weights (a peft LoRA model: the merged
-        effective weights), in `dtype` (default fp32 on CPU, bf16 on CUDA) on `device` (default:
-        the model's). Raises UnsupportedModelError for a model outside the Llama family."""
+        effective weights), in `dtype` (default fp32 on CPU, bf16 on CUDA), on the model's device
+        (`device`, when given, must be that device). Raises UnsupportedModelError for a model
+        outside the Llama family."""
         from .refit import EngineRefitter
 
         spec = decoder_spec_from_hf(model)
         check_sequence_length(model, max_total_len=max_total_len)
-        device = torch.device(device) if device is not None else next(model.parameters()).device
+        model_device = next(model.parameters()).device
+        device = model_device if device is None else torch.device(device)
+        if device != model_device:
+            raise ValueError(
+                f"GenerationEngine.from_hf: the model is on {model_device} but device={device}; the engine is "
+                "filled and refitted by in-place copies within one device, so move the model there first"
+            )
         eos_token_ids, pad_token_id = _special_token_ids(unwrap_hf_model(model))
         engine = cls(spec, dtype=dtype or _default_dtype(device), device=device, max_batch=max_batch,
                      max_total_len=max_total_len, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
@@ -304,17 +309,17 @@ class _BatchGeneration:
 
     def _run(self) -> None:
         logits, positions, width = self._prefill()
-        rows = list(range(len(self.prompts)))
+        rows = list(range(len(self.prompts)))  # rows[slot]: the prompt in cache slot `slot`
+        rows_tensor = torch.tensor(rows, device=self.engine.device)
         for step in range(self.params.max_new_tokens):
             tokens = sample_next_tokens(logits, self.params, self.generator)  # [n]
-            rows_tensor = torch.tensor(rows, device=self.engine.device)
             self.logprobs[rows_tensor, step] = sampled_token_logprobs(logits, tokens, self.params)
             keep = self._record(rows, tokens.tolist())
             if not keep:
                 return
             if len(keep) < len(rows):
                 keep_tensor = torch.tensor(keep, device=self.engine.device)
-                tokens, positions = tokens[keep_tensor], positions[keep_tensor]
+                tokens, positions, rows_tensor = tokens[keep_tensor], positions[keep_tensor], rows_tensor[keep_tensor]
                 rows = [rows[slot] for slot in keep]
                 self.engine.cache.compact(keep, columns=width + step)
             hidden = self.engine.decoder.hidden_states(tokens[:, None], positions[:, None], start=width + step)
