@@ -107,13 +107,13 @@ def test_refit_casts_into_a_bf16_engine(tokenizer):
     assert engine.generate(PROMPTS, SamplingParams(max_new_tokens=4, seed=0)).token_ids
 
 
-def lora_model(family: str, tokenizer, *, seed: int):
+def lora_model(family: str, tokenizer, *, seed: int, modules_to_save: list[str] | None = None):
     """A peft LoRA model on every linear layer, with nonzero B so the adapters matter from the start."""
     import peft
 
     base = scramble(build_family_model(family, tokenizer=tokenizer), seed=seed)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
-                                                      lora_dropout=0.0))
+                                                      lora_dropout=0.0, modules_to_save=modules_to_save))
     generator = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -162,6 +162,20 @@ def test_lora_merges_into_dtype_buffers_for_a_bf16_engine(tokenizer):
     assert_engine_matches(engine, model, tolerance=0.25)
 
 
+def test_lora_modules_to_save_copy_is_refitted(tokenizer):
+    """peft's trainable copy of lm_head (modules_to_save) is what the engine follows."""
+    model = lora_model("mistral", tokenizer, seed=5, modules_to_save=["lm_head"])
+    engine = GenerationEngine.from_hf(model, max_batch=2, max_total_len=16)
+    refitter = EngineRefitter(engine, model)
+    lm_head = model.base_model.model.lm_head
+    before = lm_head.modules_to_save["default"].weight.detach().clone()
+    train_one_step(model)
+    assert not torch.equal(before, lm_head.modules_to_save["default"].weight)
+    refitter.refit()
+    assert torch.equal(engine.weights.lm_head, lm_head.modules_to_save["default"].weight)
+    assert_engine_matches(engine, model, tolerance=LORA_TOLERANCE)
+
+
 def test_refitter_rejects_another_architecture_and_moved_storage(tokenizer):
     model = build_family_model("llama", tokenizer=tokenizer)
     engine = GenerationEngine.from_hf(model, max_batch=1, max_total_len=8)
@@ -171,3 +185,17 @@ def test_refitter_rejects_another_architecture_and_moved_storage(tokenizer):
     model.model.norm.weight.data = model.model.norm.weight.data.clone()
     with pytest.raises(ValueError, match="storage moved"):
         refitter.refit()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(dict(target_modules=["q_proj"], use_dora=True), "LoRA variants"),
+     (dict(target_modules=["embed_tokens"]), "LoRA on the embeddings")],
+    ids=["dora", "embedding"],
+)
+def test_unsupported_lora_is_rejected(options, message, tokenizer):
+    import peft
+
+    model = peft.get_peft_model(build_family_model("llama", tokenizer=tokenizer), peft.LoraConfig(r=2, **options))
+    with pytest.raises(ValueError, match=message):
+        GenerationEngine.from_hf(model, max_batch=1, max_total_len=8)
