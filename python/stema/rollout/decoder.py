@@ -1,0 +1,231 @@
+"""The engine's own decoder: inference-only Llama-family forward over fused weights and a static
+KV cache, in plain PyTorch.
+
+Layout (L layers, H query heads, KV key/value heads, d = head_dim, I = intermediate size):
+
+    qkv_weight      [L, (H + 2 KV) d, hidden]   rows: q heads, then k heads, then v heads
+    gate_up_weight  [L, 2 I, hidden]            rows: gate, then up
+    KV cache        [L, 2, max_batch, KV, max_total_len, d]   (index 0: keys after rotary, 1: values)
+
+Each step runs tokens at cache columns [start, start + q) for the first n batch slots. Which cached
+columns a row may attend to is given by a key mask `key_valid [n, columns]`: a prompt's padding
+columns are False, so padding is never attended (a padding query attends to itself only, which
+keeps its values finite). The arithmetic follows transformers' Llama: RMSNorm in fp32 then cast
+back, rotary cos/sin computed in fp32 from `position * inv_freq` then cast to the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from .architecture import DecoderSpec
+
+
+@dataclass
+class DecoderWeights:
+    """The engine's inference copy of the weights, in its own fused layout (see the module
+    docstring). Buffers are plain tensors (no autograd), allocated once; refit writes into them.
+    `lm_head` is the same tensor as `embed` when the model ties them; optional biases are None
+    when the model has none.
+    """
+
+    embed: torch.Tensor  # [V, hidden]
+    lm_head: torch.Tensor  # [V, hidden]
+    final_norm: torch.Tensor  # [hidden]
+    input_norm: torch.Tensor  # [L, hidden]
+    post_norm: torch.Tensor  # [L, hidden]
+    qkv_weight: torch.Tensor  # [L, (H + 2 KV) d, hidden]
+    o_weight: torch.Tensor  # [L, hidden, H d]
+    gate_up_weight: torch.Tensor  # [L, 2 I, hidden]
+    down_weight: torch.Tensor  # [L, hidden, I]
+    qkv_bias: torch.Tensor | None = None  # [L, (H + 2 KV) d]
+    o_bias: torch.Tensor | None = None  # [L, hidden]
+    gate_up_bias: torch.Tensor | None = None  # [L, 2 I]
+    down_bias: torch.Tensor | None = None  # [L, hidden]
+
+    @classmethod
+    def allocate(cls, spec: DecoderSpec, *, dtype: torch.dtype, device: torch.device) -> DecoderWeights:
+        """Uninitialized buffers for `spec` (refit fills them)."""
+        L, h, i = spec.num_layers, spec.hidden_size, spec.intermediate_size
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        embed = empty(spec.vocab_size, h)
+        return cls(
+            embed=embed,
+            lm_head=embed if spec.tied_embeddings else empty(spec.vocab_size, h),
+            final_norm=empty(h),
+            input_norm=empty(L, h),
+            post_norm=empty(L, h),
+            qkv_weight=empty(L, spec.qkv_rows, h),
+            o_weight=empty(L, h, spec.num_heads * spec.head_dim),
+            gate_up_weight=empty(L, 2 * i, h),
+            down_weight=empty(L, h, i),
+            qkv_bias=empty(L, spec.qkv_rows) if spec.qkv_bias else None,
+            o_bias=empty(L, h) if spec.o_bias else None,
+            gate_up_bias=empty(L, 2 * i) if spec.mlp_bias else None,
+            down_bias=empty(L, h) if spec.mlp_bias else None,
+        )
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every distinct buffer by field name (a tied lm_head is listed once, as `embed`)."""
+        named = {}
+        for field in fields(self):
+            tensor = getattr(self, field.name)
+            if tensor is not None and not any(tensor is seen for seen in named.values()):
+                named[field.name] = tensor
+        return named
+
+
+@dataclass
+class StaticKVCache:
+    """Keys and values of every layer, `[L, 2, max_batch, KV, max_total_len, d]`, allocated once.
+
+    `key_valid [max_batch, max_total_len]` marks the columns each batch slot may attend to.
+    """
+
+    tensor: torch.Tensor
+    key_valid: torch.Tensor
+
+    @classmethod
+    def allocate(cls, spec: DecoderSpec, *, max_batch: int, max_total_len: int, dtype: torch.dtype,
+                 device: torch.device) -> StaticKVCache:
+        shape = (spec.num_layers, 2, max_batch, spec.num_kv_heads, max_total_len, spec.head_dim)
+        return cls(
+            tensor=torch.zeros(shape, dtype=dtype, device=device),
+            key_valid=torch.zeros(max_batch, max_total_len, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def max_batch(self) -> int:
+        return self.tensor.shape[2]
+
+    @property
+    def max_total_len(self) -> int:
+        return self.tensor.shape[4]
+
+    def compact(self, keep: list[int], *, columns: int) -> None:
+        """Move batch slots `keep` (increasing) to slots 0 .. len(keep) - 1, first `columns` only.
+
+        In place and without allocation: slot keep[j] >= j, and moving in increasing order never
+        overwrites a slot that is still to be read.
+        """
+        for target, source in enumerate(keep):
+            if target != source:
+                self.tensor[:, :, target, :, :columns].copy_(self.tensor[:, :, source, :, :columns])
+                self.key_valid[target, :columns].copy_(self.key_valid[source, :columns])
+
+
+@dataclass
+class RotaryTable:
+    """cos and sin `[max_total_len, d]` of every position, in the compute dtype."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def build(cls, inv_freq: torch.Tensor, *, max_positions: int, dtype: torch.dtype,
+              device: torch.device) -> RotaryTable:
+        """As transformers computes them: fp32 `position * inv_freq`, duplicated to d, cast last."""
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]  # [P, d / 2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [P, d]
+        return cls(angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), the statistics in fp32; x [..., hidden]."""
+    x32 = x.to(torch.float32)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [n, heads, q, d] rotated by cos, sin [n, 1, q, d]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention_mask(key_valid: torch.Tensor, *, start: int, query_len: int) -> torch.Tensor:
+    """[n, 1, q, start + q] bool: query j (column start + j) sees valid keys at columns <= its own,
+    and always itself (so a padding query has one key and a finite output).
+
+    key_valid: [n, start + q] bool.
+    """
+    columns = start + query_len
+    key_index = torch.arange(columns, device=key_valid.device)
+    query_column = start + torch.arange(query_len, device=key_valid.device)
+    causal = key_index[None, :] <= query_column[:, None]  # [q, columns]
+    itself = key_index[None, :] == query_column[:, None]
+    allowed = (key_valid[:, None, :] & causal[None]) | itself[None]  # [n, q, columns]
+    return allowed[:, None]
+
+
+class Decoder:
+    """The forward pass over `DecoderWeights`, writing keys and values into a `StaticKVCache`."""
+
+    def __init__(self, spec: DecoderSpec, weights: DecoderWeights, cache: StaticKVCache, rotary: RotaryTable):
+        self.spec = spec
+        self.weights = weights
+        self.cache = cache
+        self.rotary = rotary
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, *, start: int) -> torch.Tensor:
+        """Final-norm hidden states [n, q, hidden] of tokens input_ids [n, q] at rotary positions
+        [n, q], written to cache columns [start, start + q) of slots 0 .. n - 1.
+
+        The slots' `cache.key_valid[:n, :start + q]` must already be set.
+        """
+        n, query_len = input_ids.shape
+        weights, spec = self.weights, self.spec
+        mask = attention_mask(self.cache.key_valid[:n, : start + query_len], start=start, query_len=query_len)
+        cos = self.rotary.cos[positions][:, None]  # [n, 1, q, d]
+        sin = self.rotary.sin[positions][:, None]
+        x = F.embedding(input_ids, weights.embed)  # [n, q, hidden]
+        for layer in range(spec.num_layers):
+            x = x + self._attention(layer, rms_norm(x, weights.input_norm[layer], spec.rms_norm_eps),
+                                    cos=cos, sin=sin, mask=mask, start=start)
+            x = x + self._mlp(layer, rms_norm(x, weights.post_norm[layer], spec.rms_norm_eps))
+        return rms_norm(x, weights.final_norm, spec.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., V] logits in the compute dtype from hidden states [..., hidden]."""
+        return F.linear(hidden, self.weights.lm_head)
+
+    def _attention(self, layer: int, x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor, start: int) -> torch.Tensor:
+        """Self-attention output [n, q, hidden] of normed x [n, q, hidden]; caches keys/values."""
+        spec, weights = self.spec, self.weights
+        n, query_len, _ = x.shape
+        H, KV, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        bias = None if weights.qkv_bias is None else weights.qkv_bias[layer]
+        qkv = F.linear(x, weights.qkv_weight[layer], bias)  # [n, q, (H + 2 KV) d]
+        q, k, v = qkv.split((H * d, KV * d, KV * d), dim=-1)
+        q = apply_rotary(q.view(n, query_len, H, d).transpose(1, 2), cos, sin)  # [n, H, q, d]
+        k = apply_rotary(k.view(n, query_len, KV, d).transpose(1, 2), cos, sin)  # [n, KV, q, d]
+        end = start + query_len
+        layer_cache = self.cache.tensor[layer]  # [2, B, KV, T, d]
+        layer_cache[0, :n, :, start:end] = k
+        layer_cache[1, :n, :, start:end] = v.view(n, query_len, KV, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, layer_cache[0, :n, :, :end], layer_cache[1, :n, :, :end], attn_mask=mask,
+            scale=d**-0.5, enable_gqa=H != KV,
+        )  # [n, H, q, d]
+        out = out.transpose(1, 2).reshape(n, query_len, H * d)
+        return F.linear(out, weights.o_weight[layer], None if weights.o_bias is None else weights.o_bias[layer])
+
+    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: down(silu(gate(x)) * up(x)), x [n, q, hidden]."""
+        weights = self.weights
+        bias = None if weights.gate_up_bias is None else weights.gate_up_bias[layer]
+        gate, up = F.linear(x, weights.gate_up_weight[layer], bias).chunk(2, dim=-1)  # [n, q, I] each
+        down_bias = None if weights.down_bias is None else weights.down_bias[layer]
+        return F.linear(F.silu(gate) * up, weights.down_weight[layer], down_bias)

@@ -1,0 +1,356 @@
+"""The generation engine: batched sampling with a static KV cache over the engine's own weights.
+
+    engine = GenerationEngine.from_hf(policy, max_batch=8, max_total_len=256)
+    refitter = EngineRefitter(engine, policy)            # once
+    batch = engine.generate(prompts, SamplingParams(temperature=0.7, top_p=0.9, seed=0), tokenizer=tok)
+    tensors = batch.padded()                               # input_ids, masks, positions, log-probs
+    ... optimizer step on `policy` ...
+    refitter.refit()                                       # in place, no allocation
+
+Batching: the prompts of one batch are LEFT-padded to the longest (their last tokens share a cache
+column), and each token gets its rotary position within its own sequence (padding excluded), as in
+transformers' generate. Padding columns are masked out of attention. At every step all unfinished
+sequences advance one token; a sequence that finishes (EOS, stop string or max_new_tokens) leaves
+the batch: the still-active rows of the cache are moved to the front (`StaticKVCache.compact`, in
+place), so finished sequences cost no further compute. More prompts than `max_batch` are generated
+in consecutive batches of `max_batch`.
+
+Log-probs: see `stema.rollout.sampling` (full temperature-scaled policy; truncation not applied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .architecture import DecoderSpec, check_sequence_length, decoder_spec_from_hf, unwrap_hf_model
+from .decoder import Decoder, DecoderWeights, RotaryTable, StaticKVCache
+from .sampling import (
+    SamplingParams,
+    StopStringMatcher,
+    make_generator,
+    sample_next_tokens,
+    sampled_token_logprobs,
+)
+
+__all__ = ["GenerationEngine", "PaddedRollout", "Rollout", "RolloutBatch", "SamplingParams"]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One generated sequence.
+
+    Attributes:
+        prompt_token_ids: the prompt, unpadded.
+        token_ids: the generated tokens (an EOS or stop-string token that ended it included).
+        logprobs: [len(token_ids)] fp32 CPU sampling log-probs (see `stema.rollout.sampling`).
+        finish_reason: "eos", "stop" (a stop string) or "length" (max_new_tokens).
+        text: the decoded response (special tokens skipped) when a tokenizer was given, else None.
+    """
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: torch.Tensor
+    finish_reason: str
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class PaddedRollout:
+    """A batch of prompt + response sequences as trainer-ready tensors, all [B, P + R].
+
+    Prompts are left-padded to P = the longest prompt, responses right-padded to R = the longest
+    response, so every response starts at column P. Pass `input_ids`, `attention_mask` and
+    `position_ids` to the Hugging Face model (position_ids are needed: with left padding the
+    default arange positions would be wrong); logits[:, t - 1] predict input_ids[:, t].
+
+    Attributes:
+        input_ids: int64 token ids, `pad_token_id` at padding.
+        attention_mask: int64, 1 at prompt and response tokens.
+        position_ids: int64 position of each token within its own sequence (0 at padding).
+        response_mask: bool, True at generated tokens.
+        sampling_logprobs: fp32 engine log-prob of each generated token at its column, 0 elsewhere.
+        prompt_width: P.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    sampling_logprobs: torch.Tensor
+    prompt_width: int
+
+
+@dataclass
+class RolloutBatch:
+    """Generated sequences in prompt order, and their padded tensor form (`padded()`)."""
+
+    sequences: list[Rollout]
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        return [sequence.token_ids for sequence in self.sequences]
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [sequence.finish_reason for sequence in self.sequences]
+
+    def padded(self, *, device: torch.device | str | None = None) -> PaddedRollout:
+        """The `PaddedRollout` of these sequences, on `device` (default CPU)."""
+        prompt_width = max(len(sequence.prompt_token_ids) for sequence in self.sequences)
+        response_width = max(len(sequence.token_ids) for sequence in self.sequences)
+        shape = (len(self.sequences), prompt_width + response_width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.int64)
+        attention_mask = torch.zeros(shape, dtype=torch.int64)
+        response_mask = torch.zeros(shape, dtype=torch.bool)
+        logprobs = torch.zeros(shape, dtype=torch.float32)
+        for row, sequence in enumerate(self.sequences):
+            prompt_start = prompt_width - len(sequence.prompt_token_ids)
+            response_end = prompt_width + len(sequence.token_ids)
+            input_ids[row, prompt_start:prompt_width] = torch.tensor(sequence.prompt_token_ids)
+            input_ids[row, prompt_width:response_end] = torch.tensor(sequence.token_ids, dtype=torch.int64)
+            attention_mask[row, prompt_start:response_end] = 1
+            response_mask[row, prompt_width:response_end] = True
+            logprobs[row, prompt_width:response_end] = sequence.logprobs
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return PaddedRollout(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            response_mask=response_mask.to(device),
+            sampling_logprobs=logprobs.to(device),
+            prompt_width=prompt_width,
+        )
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _token_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(item) for item in value]
+
+
+def _special_token_ids(model: torch.nn.Module) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) from the model's generation config, then its config; pad falls back to
+    the first EOS id, then 0."""
+    generation_config = getattr(model, "generation_config", None)
+    eos = _token_id_list(getattr(generation_config, "eos_token_id", None)) or _token_id_list(
+        getattr(model.config, "eos_token_id", None))
+    pad = getattr(generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return tuple(eos), int(pad)
+
+
+class GenerationEngine:
+    """Inference copy of a Llama-family decoder with a static KV cache; see the module docstring.
+
+    Build it with `from_hf`. `weights` (a `DecoderWeights`) and `cache` (a `StaticKVCache`) are
+    allocated once; `generate` and `forward` never reallocate them, and `EngineRefitter` writes
+    new weights into them in place.
+    """
+
+    def __init__(self, spec: DecoderSpec, *, dtype: torch.dtype, device: torch.device, max_batch: int,
+                 max_total_len: int, eos_token_ids: tuple[int, ...], pad_token_id: int):
+        if max_batch < 1 or max_total_len < 2:
+            raise ValueError(f"max_batch must be >= 1 and max_total_len >= 2, got {max_batch} and {max_total_len}")
+        self.spec = spec
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.eos_token_ids = eos_token_ids
+        self.pad_token_id = pad_token_id
+        self.weights = DecoderWeights.allocate(spec, dtype=dtype, device=self.device)
+        self.cache = StaticKVCache.allocate(spec, max_batch=max_batch, max_total_len=max_total_len, dtype=dtype,
+                                            device=self.device)
+        rotary = RotaryTable.build(spec.inv_freq, max_positions=max_total_len, dtype=dtype, device=self.device)
+        self.decoder = Decoder(spec, self.weights, self.cache, rotary)
+
+    @classmethod
+    def from_hf(cls, model: torch.nn.Module, *, dtype: torch.dtype | None = None, max_batch: int,
+                max_total_len: int, device: torch.device | str | None = None) -> GenerationEngine:
+        """An engine holding a copy of `model`'s current weights (a peft LoRA model: the merged
+        effective weights), in `dtype` (default fp32 on CPU, bf16 on CUDA), on the model's device
+        (`device`, when given, must be that device). Raises UnsupportedModelError for a model
+        outside the Llama family."""
+        from .refit import EngineRefitter
+
+        spec = decoder_spec_from_hf(model)
+        check_sequence_length(model, max_total_len=max_total_len)
+        model_device = next(model.parameters()).device
+        device = model_device if device is None else torch.device(device)
+        if device != model_device:
+            raise ValueError(
+                f"GenerationEngine.from_hf: the model is on {model_device} but device={device}; the engine is "
+                "filled and refitted by in-place copies within one device, so move the model there first"
+            )
+        eos_token_ids, pad_token_id = _special_token_ids(unwrap_hf_model(model))
+        engine = cls(spec, dtype=dtype or _default_dtype(device), device=device, max_batch=max_batch,
+                     max_total_len=max_total_len, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+        EngineRefitter(engine, model).refit()
+        return engine
+
+    @property
+    def max_batch(self) -> int:
+        return self.cache.max_batch
+
+    @property
+    def max_total_len(self) -> int:
+        return self.cache.max_total_len
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every buffer the engine allocated at construction (weights, KV cache, key mask)."""
+        return {**self.weights.buffers(), "kv_cache": self.cache.tensor, "key_valid": self.cache.key_valid}
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (engine dtype) of input_ids [B, T] with an optional attention_mask
+        [B, T] (0 at padding, left or right); positions count the unmasked tokens, as in
+        `PaddedRollout.position_ids`. Uses (and overwrites) the KV cache."""
+        batch, length = input_ids.shape
+        self._check_fits(batch, length)
+        input_ids = input_ids.to(self.device)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(
+            self.device).bool()
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        self.cache.key_valid[:batch, :length] = valid
+        hidden = self.decoder.hidden_states(input_ids, positions, start=0)
+        return self.decoder.logits(hidden)
+
+    @torch.no_grad()
+    def generate(self, prompt_token_lists: list[list[int]], params: SamplingParams, *,
+                 tokenizer=None) -> RolloutBatch:
+        """Generate a response to each prompt (lists of token ids); see the module docstring.
+
+        `tokenizer` is needed for `params.stop_strings` and fills `Rollout.text`. Deterministic for
+        a given `params.seed`, prompts (and their order) and weights.
+        """
+        prompts = self._checked_prompts(prompt_token_lists, params)
+        eos_token_ids = self.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids
+        stop_matcher = StopStringMatcher(params.stop_strings, tokenizer)
+        generator = make_generator(params.seed, self.device)
+        sequences: list[Rollout] = []
+        for start in range(0, len(prompts), self.max_batch):
+            chunk = prompts[start:start + self.max_batch]
+            run = _BatchGeneration(self, chunk, params, eos_token_ids=eos_token_ids, stop_matcher=stop_matcher,
+                                   generator=generator)
+            sequences.extend(run.sequences(tokenizer))
+        return RolloutBatch(sequences, self.pad_token_id)
+
+    def _check_fits(self, batch: int, length: int) -> None:
+        if batch > self.max_batch:
+            raise ValueError(f"batch of {batch} sequences exceeds the engine's max_batch ({self.max_batch})")
+        if length > self.max_total_len:
+            raise ValueError(f"{length} tokens exceed the engine's max_total_len ({self.max_total_len})")
+
+    def _checked_prompts(self, prompt_token_lists, params: SamplingParams) -> list[list[int]]:
+        prompts = [[int(token) for token in prompt] for prompt in prompt_token_lists]
+        if not prompts:
+            raise ValueError("generate: no prompts")
+        for index, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"generate: prompt {index} is empty (a prompt needs at least one token)")
+            if min(prompt) < 0 or max(prompt) >= self.spec.vocab_size:
+                raise ValueError(f"generate: prompt {index} has a token id outside [0, {self.spec.vocab_size})")
+        longest = max(map(len, prompts))
+        if longest + params.max_new_tokens > self.max_total_len:
+            raise ValueError(
+                f"generate: the longest prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the engine's max_total_len ({self.max_total_len})"
+            )
+        return prompts
+
+
+class _BatchGeneration:
+    """Generation of one batch of at most max_batch prompts (runs on construction).
+
+    Slot i of the cache holds the sequence `rows[i]` (an index into the prompts); finished
+    sequences leave and the remaining slots are compacted to the front.
+    """
+
+    def __init__(self, engine: GenerationEngine, prompts: list[list[int]], params: SamplingParams, *,
+                 eos_token_ids: tuple[int, ...], stop_matcher: StopStringMatcher, generator: torch.Generator):
+        self.engine, self.prompts, self.params = engine, prompts, params
+        self.eos = frozenset(eos_token_ids)
+        self.stop_matcher = stop_matcher
+        self.generator = generator
+        self.responses: list[list[int]] = [[] for _ in prompts]
+        self.finish_reasons: list[str | None] = [None] * len(prompts)
+        self.logprobs = torch.zeros(len(prompts), params.max_new_tokens, dtype=torch.float32, device=engine.device)
+        self._run()
+
+    def _prefill(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Runs the left-padded prompts; returns (last-token logits [n, V], next positions [n],
+        prompt width P)."""
+        engine, prompts = self.engine, self.prompts
+        width = max(map(len, prompts))
+        input_ids = torch.full((len(prompts), width), engine.pad_token_id, dtype=torch.int64)
+        valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            valid[row, width - len(prompt):] = True
+        input_ids, valid = input_ids.to(engine.device), valid.to(engine.device)
+        key_valid = engine.cache.key_valid
+        key_valid[:len(prompts), :width] = valid
+        key_valid[:len(prompts), width:width + self.params.max_new_tokens] = True
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = engine.decoder.hidden_states(input_ids, positions, start=0)
+        next_positions = valid.sum(-1)  # [n] = prompt lengths
+        return engine.decoder.logits(hidden[:, -1]), next_positions, width
+
+    def _run(self) -> None:
+        logits, positions, width = self._prefill()
+        rows = list(range(len(self.prompts)))  # rows[slot]: the prompt in cache slot `slot`
+        rows_tensor = torch.tensor(rows, device=self.engine.device)
+        for step in range(self.params.max_new_tokens):
+            tokens = sample_next_tokens(logits, self.params, self.generator)  # [n]
+            self.logprobs[rows_tensor, step] = sampled_token_logprobs(logits, tokens, self.params)
+            keep = self._record(rows, tokens.tolist())
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                keep_tensor = torch.tensor(keep, device=self.engine.device)
+                tokens, positions, rows_tensor = tokens[keep_tensor], positions[keep_tensor], rows_tensor[keep_tensor]
+                rows = [rows[slot] for slot in keep]
+                self.engine.cache.compact(keep, columns=width + step)
+            hidden = self.engine.decoder.hidden_states(tokens[:, None], positions[:, None], start=width + step)
+            logits = self.engine.decoder.logits(hidden[:, 0])
+            positions = positions + 1
+
+    def _record(self, rows: list[int], tokens: list[int]) -> list[int]:
+        """Appends each slot's new token; returns the slots whose sequences go on."""
+        keep = []
+        for slot, (row, token) in enumerate(zip(rows, tokens)):
+            response = self.responses[row]
+            response.append(token)
+            if token in self.eos:
+                self.finish_reasons[row] = "eos"
+            elif self.stop_matcher and self.stop_matcher.matches(response):
+                self.finish_reasons[row] = "stop"
+            elif len(response) == self.params.max_new_tokens:
+                self.finish_reasons[row] = "length"
+            else:
+                keep.append(slot)
+        return keep
+
+    def sequences(self, tokenizer) -> list[Rollout]:
+        logprobs = self.logprobs.cpu()
+        return [
+            Rollout(
+                prompt_token_ids=prompt,
+                token_ids=response,
+                logprobs=logprobs[row, :len(response)].clone(),
+                finish_reason=reason,
+                text=None if tokenizer is None else tokenizer.decode(response, skip_special_tokens=True),
+            )
+            for row, (prompt, response, reason) in enumerate(zip(self.prompts, self.responses, self.finish_reasons))
+        ]
