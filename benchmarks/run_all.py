@@ -37,8 +37,10 @@ def load_benchmark_modules() -> list:
         sys.path.insert(0, str(BENCH_DIR))  # the benchmarks import their shared `common` module
     modules = []
     for path in sorted(BENCH_DIR.glob("bench_*.py")):
-        spec = importlib.util.spec_from_file_location(f"stema_bench_{path.stem}", path)
+        name = f"stema_bench_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # registered before running, as `import` does (dataclasses need it)
         spec.loader.exec_module(module)
         if hasattr(module, "measure"):
             modules.append(module)

@@ -22,7 +22,7 @@ BENCH_MODULES = run_all.load_benchmark_modules()
 
 def test_every_kernel_has_a_benchmark():
     names = {Path(module.__file__).stem for module in BENCH_MODULES}
-    assert {"bench_logprobs", "bench_gae", "bench_refit", "bench_scheduler"} <= names
+    assert {"bench_logprobs", "bench_gae", "bench_refit", "bench_scheduler", "bench_rollout"} <= names
 
 
 @pytest.mark.parametrize("module", BENCH_MODULES, ids=lambda m: Path(m.__file__).stem)
