@@ -304,9 +304,9 @@ def test_bradley_terry_terms_change_the_loss(reward_model_dir, tmp_path):
     """The margin and the centring term each move the loss well past the tolerance, so the
     parametrized parity test above would notice either being dropped or misapplied."""
     losses = {
-        (margin, centre): float(
-            reward_losses(reward_model_dir, PAIRS_PLAIN, tmp_path / f"{margin}{centre}", margin=margin, center_rewards_coefficient=centre)[1]
-        )
+        (margin, centre): reward_losses(
+            reward_model_dir, PAIRS_PLAIN, tmp_path / f"{margin}{centre}", margin=margin, center_rewards_coefficient=centre
+        )[1].item()
         for margin, centre in [(False, None), (True, None), (False, 0.05)]
     }
     base = losses[(False, None)]
