@@ -27,20 +27,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from datasets import Dataset, disable_progress_bars
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-pytest.importorskip("trl")
+from stema.config import ModelConfig
+from stema.data import PreferenceExample, SFTExample, tokenize_preference, tokenize_sft
+from stema.data.tokenize import IGNORE_INDEX, TokenizedPair, TokenizedSFT
+from stema.models.loading import load_policy, load_reward_model, load_tokenizer
+from stema.models.tiny import TinyModelSpec, build_model, build_tokenizer
+from stema.trainers.reward import PairwiseRewardAlgorithm
+from stema.trainers.sft import SFTAlgorithm
 
-from datasets import Dataset, disable_progress_bars  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
-from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer  # noqa: E402
-
-from stema.config import ModelConfig  # noqa: E402
-from stema.data import PreferenceExample, SFTExample, tokenize_preference, tokenize_sft  # noqa: E402
-from stema.data.tokenize import IGNORE_INDEX, TokenizedPair, TokenizedSFT  # noqa: E402
-from stema.models.loading import load_policy, load_reward_model, load_tokenizer  # noqa: E402
-from stema.models.tiny import TinyModelSpec, build_model, build_tokenizer  # noqa: E402
-from stema.trainers.reward import PairwiseRewardAlgorithm  # noqa: E402
-from stema.trainers.sft import SFTAlgorithm  # noqa: E402
+# TRL's configs default to gradient_checkpointing=True, which transformers 5 reports as a deprecated alias.
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 
 LOSS_TOLERANCE = 1e-5
 # Gradients: max |g_stema - g_trl| over all parameters, relative to max |g| (fp32 round-off only).
@@ -104,6 +104,16 @@ def model_config(path) -> ModelConfig:
     return ModelConfig(path=str(path), dtype="float32", attn_implementation="sdpa")
 
 
+def unpadded_rows(batch: dict[str, torch.Tensor], key: str) -> list[list[int]]:
+    """Each row of `batch[key]` `[N, T]` without its right padding (where attention_mask is 0)."""
+    return [row[mask.bool()].tolist() for row, mask in zip(batch[key], batch["attention_mask"])]
+
+
+def first_batch(trainer) -> dict[str, torch.Tensor]:
+    """The first batch of the trainer's own dataloader (all the records, in its sampler's order)."""
+    return next(iter(trainer.get_train_dataloader()))
+
+
 def max_relative_gradient_difference(model_a: torch.nn.Module, model_b: torch.nn.Module) -> float:
     """max |grad_a - grad_b| / max |grad_a| over the parameters both models have by name."""
     grads_a = {name: p.grad for name, p in model_a.named_parameters() if p.grad is not None}
@@ -127,7 +137,6 @@ def trl_sft_trainer(model_dir, records, tmp_path) -> SFTTrainer:
         report_to=[],
         bf16=False,
         use_cpu=True,
-        activation_checkpointing=False,
         completion_only_loss=True,
         per_device_train_batch_size=len(records),
         disable_tqdm=True,
@@ -137,10 +146,10 @@ def trl_sft_trainer(model_dir, records, tmp_path) -> SFTTrainer:
 
 
 def trl_sft_batch(trainer: SFTTrainer) -> tuple[list[TokenizedSFT], dict[str, torch.Tensor]]:
-    """TRL's tokenized rows as STEMA examples, and the batch TRL's collator builds from them."""
-    rows = [trainer.train_dataset[index] for index in range(len(trainer.train_dataset))]
-    examples = [TokenizedSFT(row["input_ids"], row["labels"], f"row {index}") for index, row in enumerate(rows)]
-    return examples, trainer.data_collator(rows)
+    """The first batch of TRL's dataloader, and its rows as STEMA examples (TRL's tokens and labels)."""
+    batch = first_batch(trainer)
+    rows = zip(unpadded_rows(batch, "input_ids"), unpadded_rows(batch, "labels"))
+    return [TokenizedSFT(ids, labels, f"row {index}") for index, (ids, labels) in enumerate(rows)], batch
 
 
 def stema_sft(model_dir, tmp_path):
@@ -154,6 +163,15 @@ def stema_sft(model_dir, tmp_path):
 def stema_sft_examples(records, tokenizer) -> list[TokenizedSFT]:
     examples = [SFTExample(record["prompt"], record["completion"], f"record {i}") for i, record in enumerate(records)]
     return [tokenize_sft(example, tokenizer, max_length=1024) for example in examples]
+
+
+def sft_sequences(examples, *, prefix: tuple[int, int] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each example, sorted (the dataloader shuffles); `prefix` = (token,
+    label) put in front of every example first."""
+    if prefix is None:
+        return sorted((example.input_ids, example.labels) for example in examples)
+    token, label = prefix
+    return sorted(([token] + example.input_ids, [label] + example.labels) for example in examples)
 
 
 def sft_losses(model_dir, records, tmp_path):
@@ -179,9 +197,7 @@ def test_sft_loss_equals_trl_on_plain_prompt_completion_data(model_dir, tmp_path
 
     # STEMA's own tokenization: TRL's tokens with BOS in front, the same trained tokens.
     bos = load_tokenizer(model_dir).bos_token_id
-    for ours, theirs in zip(stema_examples, trl_examples):
-        assert ours.input_ids == [bos] + theirs.input_ids
-        assert ours.labels == [IGNORE_INDEX] + theirs.labels
+    assert sft_sequences(stema_examples) == sft_sequences(trl_examples, prefix=(bos, IGNORE_INDEX))
 
     # The comparison can fail: training on the prompt tokens too gives a clearly different loss.
     full = [TokenizedSFT(example.input_ids, example.input_ids) for example in trl_examples]
@@ -195,9 +211,7 @@ def test_sft_conversational_tokenization_loss_and_gradients_equal_trl(model_dir,
     assert stema_loss.item() == pytest.approx(trl_loss.item(), abs=LOSS_TOLERANCE)
 
     # Same token ids and the same trained tokens from STEMA's own tokenization of the records.
-    for ours, theirs in zip(stema_examples, trl_examples):
-        assert ours.input_ids == theirs.input_ids
-        assert ours.labels == theirs.labels
+    assert sft_sequences(stema_examples) == sft_sequences(trl_examples)
 
     trl_loss.backward()
     stema_loss.backward()
@@ -234,7 +248,6 @@ def trl_reward_trainer(reward_model_dir, records, tmp_path, *, center_rewards_co
         report_to=[],
         bf16=False,
         use_cpu=True,
-        activation_checkpointing=False,
         per_device_train_batch_size=len(records),
         center_rewards_coefficient=center_rewards_coefficient,
         disable_tqdm=True,
@@ -250,8 +263,7 @@ def reward_losses(reward_model_dir, records, tmp_path, *, margin: bool, center_r
     if not margin:
         records = [{key: value for key, value in record.items() if key != "margin"} for record in records]
     trainer = trl_reward_trainer(reward_model_dir, records, tmp_path, center_rewards_coefficient=center_rewards_coefficient)
-    rows = [trainer.train_dataset[index] for index in range(len(trainer.train_dataset))]
-    batch = trainer.data_collator(rows)
+    batch = first_batch(trainer)
     trainer.model.train()
     trl_loss = trainer.compute_loss(trainer.model, dict(batch))
 
@@ -263,16 +275,18 @@ def reward_losses(reward_model_dir, records, tmp_path, *, margin: bool, center_r
         center_rewards_coefficient=center_rewards_coefficient or 0.0,
         micro_batch_size=8,
     )
+    rows = unpadded_rows(batch, "input_ids")  # chosen sequences, then the rejected ones of the same pairs
+    num_pairs = len(rows) // 2
     trl_pairs = [
         TokenizedPair(
             prompt_ids=[],
-            chosen_ids=row["chosen_ids"],
-            rejected_ids=row["rejected_ids"],
-            chosen_labels=row["chosen_ids"],
-            rejected_labels=row["rejected_ids"],
-            margin=row.get("margin"),
+            chosen_ids=rows[index],
+            rejected_ids=rows[num_pairs + index],
+            chosen_labels=rows[index],
+            rejected_labels=rows[num_pairs + index],
+            margin=float(batch["margin"][index]) if margin else None,
         )
-        for row in rows
+        for index in range(num_pairs)
     ]
     stema_batch = algorithm.collate(trl_pairs)
     for key in ("input_ids", "attention_mask") + (("margin",) if margin else ()):
@@ -286,6 +300,12 @@ def reward_losses(reward_model_dir, records, tmp_path, *, margin: bool, center_r
     return trl_loss, stema_loss, trainer.model, model, trl_pairs, stema_pairs
 
 
+def pair_sequences(pairs, *, prefix: list[int] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(chosen_ids, rejected_ids) of each pair, sorted, with `prefix` in front of both."""
+    prefix = prefix or []
+    return sorted((prefix + pair.chosen_ids, prefix + pair.rejected_ids) for pair in pairs)
+
+
 @pytest.mark.parametrize("margin", [False, True], ids=["no_margin", "margin"])
 @pytest.mark.parametrize("center_rewards_coefficient", [None, 0.05], ids=["uncentred", "centred"])
 def test_bradley_terry_loss_equals_trl_reward_trainer(reward_model_dir, tmp_path, margin, center_rewards_coefficient):
@@ -295,9 +315,7 @@ def test_bradley_terry_loss_equals_trl_reward_trainer(reward_model_dir, tmp_path
     assert stema_loss.item() == pytest.approx(trl_loss.item(), abs=LOSS_TOLERANCE)
     # Plain text: STEMA's sequences are TRL's with BOS in front.
     bos = load_tokenizer(reward_model_dir).bos_token_id
-    for ours, theirs in zip(stema_pairs, trl_pairs):
-        assert ours.chosen_ids == [bos] + theirs.chosen_ids
-        assert ours.rejected_ids == [bos] + theirs.rejected_ids
+    assert pair_sequences(stema_pairs) == pair_sequences(trl_pairs, prefix=[bos])
 
 
 def test_bradley_terry_terms_change_the_loss(reward_model_dir, tmp_path):
@@ -319,9 +337,7 @@ def test_conversational_pairs_tokenize_like_trl_and_gradients_agree(reward_model
         reward_model_dir, PAIRS_CHAT, tmp_path, margin=True, center_rewards_coefficient=0.05
     )
     assert stema_loss.item() == pytest.approx(trl_loss.item(), abs=LOSS_TOLERANCE)
-    for ours, theirs in zip(stema_pairs, trl_pairs):
-        assert ours.chosen_ids == theirs.chosen_ids
-        assert ours.rejected_ids == theirs.rejected_ids
+    assert pair_sequences(stema_pairs) == pair_sequences(trl_pairs)
     trl_loss.backward()
     stema_loss.backward()
     assert max_relative_gradient_difference(model, trl_model) < GRADIENT_TOLERANCE
