@@ -4,11 +4,14 @@ gradients agree.
 
 Both sides load the same tiny Llama folder (weights re-drawn with a large spread, so per-token
 losses differ a lot from token to token and a mask that is off by one token moves the loss far
-beyond the tolerance). TRL builds its trainer from a `datasets.Dataset` of the records and its
-collator builds the batch; STEMA's loss (`SFTAlgorithm.loss`, `PairwiseRewardAlgorithm.loss`) is
-computed by STEMA's own code on those very tensors, with the global denominator of that batch.
+beyond the tolerance); the reward model is that folder with STEMA's seeded reward head
+(`load_reward_model`), saved and loaded by both. TRL builds its trainer from a `datasets.Dataset` of
+the records, and the batch is the first one of TRL's own dataloader; STEMA's loss
+(`SFTAlgorithm.loss`, `PairwiseRewardAlgorithm.loss`) is computed by STEMA's own code on those very
+tensors (STEMA's collator, given TRL's unpadded rows, must rebuild them exactly), with the global
+denominator of that batch. The gradients of both losses with respect to every parameter agree.
 
-How the two tokenizations compare (checked token by token below):
+How the two tokenizations compare (checked below, for SFT and for preference pairs):
 
 - Conversational data (lists of messages): identical. Both render through the chat template, and
   the trained tokens are the same: TRL's completion mask starts where the prompt rendered with the
@@ -19,8 +22,9 @@ How the two tokenizations compare (checked token by token below):
   TRL calls `tokenizer(prompt + completion + eos)`, which adds BOS only when the tokenizer's
   post-processor does (the tiny character tokenizer's does not, Llama's does). The trained mask is
   otherwise the same (the completion and its EOS), so STEMA's labels are TRL's with -100 in front.
-  The losses are compared on TRL's tensors, which STEMA's collators reproduce exactly when given
-  TRL's token ids.
+  One more difference that a character tokenizer cannot show: TRL tokenizes prompt + completion as
+  one string (a merge across the boundary moves it), STEMA tokenizes them apart.
+  The losses are compared on TRL's tensors.
 """
 
 from __future__ import annotations
