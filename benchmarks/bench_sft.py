@@ -24,9 +24,11 @@ tokens/s / TRL tokens/s; goal 1.3. Quick: one run of each side, in this process.
 
 Peak memory (full size, CPU): in the worker, the resident-set high-water mark is reset just before
 training (writing 5 to /proc/self/clear_refs) and read at the closing clock mark, minus the RSS
-before training; glibc's mmap threshold is fixed at 64 KiB so freed tensors leave the RSS (as in
-bench_logprobs.py); the larger figure of a side's runs counts. On CUDA: torch.cuda.max_memory_allocated()
-growth. Ratio TRL / STEMA, no goal.
+before training: the peak memory the process holds while training, as the OS sees it, with the
+default allocator (glibc keeps some freed memory, as it does for users; the workers do not fix its
+mmap threshold as bench_logprobs.py does, since that would also change the timings). The larger
+figure of a side's runs counts. On CUDA: torch.cuda.max_memory_allocated() growth. Ratio TRL /
+STEMA, no goal.
 
 Settings. STEMA: `TrainerConfig(precision="fp32", global_batch_size = micro_batch_size = 2,
 progress_bar=False, tensorboard=False, export_hf=False)`, its JSONL metrics logged every step as by
@@ -73,7 +75,6 @@ BENCHMARK = "sft_train"
 GOAL = 1.3
 FRAMEWORKS = ("stema", "trl")
 REPEATS = 3
-MMAP_THRESHOLD = 64 * 1024
 LEARNING_RATE = 2e-5
 
 
@@ -284,7 +285,7 @@ TRAINERS = {"stema": train_stema, "trl": train_trl}
 
 
 def run_in_this_process(framework: str, size: BenchSize, device: str, *, measure_memory: bool) -> dict:
-    """{seconds, tokens, tokens_per_s, peak_bytes (None unless measure_memory)} of one side's run."""
+    """{step_seconds, median_step_seconds, tokens_per_s, peak_bytes (None unless measure_memory)} of one side's run."""
     clock = StepClock(size, device, PeakMemory(device) if measure_memory else None)
     with tempfile.TemporaryDirectory(prefix=f"bench_sft_{framework}_") as workdir:
         TRAINERS[framework](size, device, workdir, clock)
@@ -294,8 +295,7 @@ def run_in_this_process(framework: str, size: BenchSize, device: str, *, measure
 def run_in_fresh_interpreter(framework: str, size: BenchSize, device: str) -> dict:
     """`run_in_this_process` in a new Python running this file, so that neither side inherits the
     other's allocator state, thread pools or patched modules, and the RSS figures are its own."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path),
-               MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
     command = [sys.executable, os.path.abspath(__file__), "--worker", framework, json.dumps(asdict(size)), device]
     child = subprocess.run(command, env=env, capture_output=True, text=True)
     if child.returncode != 0:
@@ -318,7 +318,11 @@ def measure(*, device: str = "cpu", quick: bool = False) -> list[dict]:
         runs = {framework: [] for framework in FRAMEWORKS}
         for repeat in range(REPEATS):
             for framework in FRAMEWORKS if repeat % 2 == 0 else FRAMEWORKS[::-1]:
-                runs[framework].append(run_in_fresh_interpreter(framework, size, device))
+                result = run_in_fresh_interpreter(framework, size, device)
+                runs[framework].append(result)
+                steps = " ".join(f"{seconds:.2f}" for seconds in result["step_seconds"])
+                print(f"[bench_sft] {framework} run {repeat + 1}: {result['tokens_per_s']:.0f} tokens/s (step seconds {steps})",
+                      file=sys.stderr, flush=True)
     best = {framework: max(results, key=lambda result: result["tokens_per_s"]) for framework, results in runs.items()}
     case = (
         f"Llama V={size.vocab_size} d={size.hidden_size} L={size.num_layers}, B={size.batch_size} x "
