@@ -18,7 +18,15 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # The fused implementation updates every tensor in one kernel (CPU and CUDA): about 8x less
+    # optimizer time than the per-tensor loop on a small model (benchmarks/bench_sft.py profile).
+    parameters = decay + no_decay
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters) and (
+        len({p.device for p in parameters}) == 1
+    )
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
+    )
 
 
 def lr_multiplier(step: int, *, total_steps: int, cfg: OptimConfig) -> float:
