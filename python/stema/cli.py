@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from stema import __version__
-from stema.config import ConfigError, DemoConfig, RMConfig, SFTConfig, describe, load_config
+from stema.config import ConfigError, DemoConfig, DPOConfig, KTOConfig, RMConfig, SFTConfig, describe, load_config
 
 
 def _run_sft(config: SFTConfig) -> Any:
@@ -25,6 +25,18 @@ def _run_sft(config: SFTConfig) -> Any:
 
 def _run_rm(config: RMConfig) -> Any:
     from stema.trainers.reward import run
+
+    return run(config)
+
+
+def _run_dpo(config: DPOConfig) -> Any:
+    from stema.trainers.dpo import run
+
+    return run(config)
+
+
+def _run_kto(config: KTOConfig) -> Any:
+    from stema.trainers.kto import run
 
     return run(config)
 
@@ -48,6 +60,8 @@ COMMANDS = {
     for command in (
         Command("sft", "Supervised fine-tuning (prompt masking, packing, LoRA).", lambda: SFTConfig, _run_sft),
         Command("rm", "Reward model: pairwise Bradley-Terry or multi-attribute regression.", lambda: RMConfig, _run_rm),
+        Command("dpo", "Preference optimization: DPO, cDPO, IPO, RPO (reward-aware), SimPO; LoRA or full.", lambda: DPOConfig, _run_dpo),
+        Command("kto", "KTO on unpaired (prompt, completion, label) data.", lambda: KTOConfig, _run_kto),
         Command("demo", "Built-in tiny model and task end to end on a CPU, no download.", lambda: DemoConfig, _run_demo),
     )
 }

@@ -139,6 +139,40 @@ class RewardConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """The preference loss of `stema dpo` (the DPO family) and where the reference log-probs come from."""
+
+    loss: Literal["dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "simpo"] = option(
+        "dpo",
+        "dpo (sigmoid; cDPO with label_smoothing), ipo, rpo_sq / rpo_bwd_kl / rpo_fwd_kl (NeMo-Aligner's reward-aware "
+        "losses, from the pairs' chosen_reward / rejected_reward), simpo (reference-free).",
+    )
+    beta: float = option(0.1, "Strength of the KL penalty to the reference (IPO's tau; SimPO's reward scale).")
+    label_smoothing: float = option(0.0, "dpo: probability that a preference label is flipped (cDPO), in [0, 0.5).")
+    gt_reward_scale: float = option(1.0, "rpo_*: eta, the scale of the ground-truth reward margin chosen_reward - rejected_reward.")
+    default_chosen_reward: float = option(1.0, "rpo_*: chosen_reward of pairs whose data gives none.")
+    default_rejected_reward: float = option(0.0, "rpo_*: rejected_reward of pairs whose data gives none.")
+    simpo_gamma: float = option(0.5, "simpo: the target reward margin gamma.")
+    average_logprobs: bool = option(
+        False, "Average the log-probs over each completion's tokens instead of summing them (SimPO; TRL's IPO)."
+    )
+    sft_loss_weight: float = option(0.0, "Weight of the chosen responses' SFT loss (negative log-likelihood) added to the loss.")
+    precompute_ref_logprobs: bool = option(
+        False, "Run the reference model once over the data before training, keep its log-probs with the examples and free it."
+    )
+
+
+@dataclass
+class KTOLossConfig:
+    """The KTO loss of `stema kto`."""
+
+    beta: float = option(0.1, "Strength of the KL penalty to the reference.")
+    desirable_weight: float = option(1.0, "Weight of the desirable examples' losses (lambda_D).")
+    undesirable_weight: float = option(1.0, "Weight of the undesirable examples' losses (lambda_U).")
+    average_logprobs: bool = option(False, "Average the log-probs over each completion's tokens instead of summing them.")
+
+
+@dataclass
 class SFTConfig:
     """`stema sft`: supervised fine-tuning."""
 
@@ -160,6 +194,28 @@ class RMConfig:
 
 
 @dataclass
+class DPOConfig:
+    """`stema dpo`: direct preference optimization and its family (IPO, RPO, SimPO)."""
+
+    model: ModelConfig = section(ModelConfig, "Policy model; with LoRA the reference is the same model with adapters disabled.")
+    data: DataConfig = section(DataConfig, "Preference pairs (TRL's or NeMo-Aligner's formats).")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
+    preference: PreferenceConfig = section(PreferenceConfig, "Preference loss and reference log-probs.")
+
+
+@dataclass
+class KTOConfig:
+    """`stema kto`: Kahneman-Tversky optimization on unpaired (prompt, completion, label) data."""
+
+    model: ModelConfig = section(ModelConfig, "Policy model; with LoRA the reference is the same model with adapters disabled.")
+    data: DataConfig = section(DataConfig, "Unpaired data: prompt, completion, label (true: desirable).")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
+    kto: KTOLossConfig = section(KTOLossConfig, "KTO loss.")
+
+
+@dataclass
 class DemoConfig:
     """`stema demo`: the built-in tiny model and task end to end on a CPU, with no download."""
 
@@ -170,6 +226,7 @@ class DemoConfig:
     num_heldout: int = option(200, "Held-out questions for exact-match accuracy and pairwise accuracy.")
     sft_steps: int = option(600, "SFT optimizer steps.")
     rm_steps: int = option(200, "Reward-model optimizer steps.")
+    dpo_steps: int = option(100, "DPO optimizer steps.")
     batch_size: int = option(32, "Global batch size of every stage.")
     progress_bar: bool = option(True, "Show progress bars.")
 
@@ -338,6 +395,17 @@ def validate(config: Any, prefix: str = "") -> None:
                 f"{prefix}global_batch_size ({config.global_batch_size}) must be a multiple of "
                 f"micro_batch_size ({config.micro_batch_size})"
             )
+    if isinstance(config, PreferenceConfig):
+        if config.beta <= 0:
+            raise ConfigError(f"{prefix}beta must be > 0, got {config.beta}")
+        if not 0.0 <= config.label_smoothing < 0.5:
+            raise ConfigError(f"{prefix}label_smoothing must be in [0, 0.5), got {config.label_smoothing}")
+        if config.label_smoothing and config.loss != "dpo":
+            raise ConfigError(f"{prefix}label_smoothing applies to loss 'dpo' only (loss is {config.loss!r})")
+        if config.precompute_ref_logprobs and config.loss == "simpo":
+            raise ConfigError(f"{prefix}precompute_ref_logprobs: loss 'simpo' uses no reference model")
+    if isinstance(config, KTOLossConfig) and config.beta <= 0:
+        raise ConfigError(f"{prefix}beta must be > 0, got {config.beta}")
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value):

@@ -5,11 +5,18 @@ A recipe on top of the trainers (it wires them; no library code imports it):
 2. `sft`: supervised fine-tuning on the built-in questions and answers; accuracy again.
 3. `rm`: a Bradley-Terry reward model from the SFT model on the built-in preference pairs
    (right answer vs a plausible mistake); pairwise accuracy on held-out pairs.
-Later stages (dpo, ppo, steerlm, spin, rs) join as their algorithms land.
+4. `dpo`: DPO from the SFT model (which is also its reference) on the same preference pairs;
+   exact-match and preference accuracy again.
+Later stages (ppo, steerlm, spin, rs) join as their algorithms land.
+
+Preference accuracy (base, sft, dpo) is the fraction of held-out preference pairs for which the
+policy's summed log-prob of the chosen completion (the right answer) exceeds that of the rejected
+one (a plausible mistake): `stema.evaluation.preference_accuracy`.
 
 Writes into `out`: `results.json` (numbers keyed by stage; held-out exact-match accuracy under
-`accuracy`), `results.md` (the table it prints), `<stage>_loss.png` curves, and each stage's run
-folder with its exported Hugging Face model under `<stage>/hf`.
+`accuracy`, preference accuracy under `preference_accuracy`), `results.md` (the table it prints),
+`<stage>_loss.png` curves, and each stage's run folder with its exported Hugging Face model under
+`<stage>/hf`.
 """
 
 from __future__ import annotations
@@ -20,14 +27,26 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from stema.config import DataConfig, DemoConfig, ModelConfig, OptimConfig, RMConfig, SFTConfig, TrainerConfig
-from stema.data import builtin
-from stema.evaluation import mean_reward
+from stema.config import (
+    DataConfig,
+    DemoConfig,
+    DPOConfig,
+    ModelConfig,
+    OptimConfig,
+    PreferenceConfig,
+    RMConfig,
+    SFTConfig,
+    TrainerConfig,
+)
+from stema.data import builtin, load_preference_data
+from stema.evaluation import mean_reward, preference_accuracy
 from stema.models.tiny import TinyModelSpec, save_tiny_model
 from stema.training.logging import read_metrics
 
 MAX_NEW_TOKENS = 6  # answers are at most 3 digits, then <|end|>
-DEFAULT_STAGES = ("sft", "rm")
+DPO_BETA = 0.1
+DPO_LR = 3e-4
+DEFAULT_STAGES = ("sft", "rm", "dpo")
 
 
 def _say(message: str) -> None:
@@ -69,11 +88,21 @@ class Demo:
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         return mean_reward(model, tokenizer, self.heldout, builtin.reward, max_new_tokens=MAX_NEW_TOKENS)
 
+    def preference_accuracy(self, model_path: Path) -> float:
+        """Held-out preference pairs (the DPO stage's evaluation pairs) on which the model at
+        `model_path` gives the chosen completion the higher summed log-prob."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        pairs, _ = load_preference_data(self.data_config(), tokenizer, "eval")
+        return preference_accuracy(model, pairs, pad_id=tokenizer.pad_token_id)
+
 
 def stage_base(demo: Demo) -> dict:
     path = save_tiny_model(demo.out / "base", TinyModelSpec(seed=demo.config.seed))
     demo.policy_path = path
-    return {"accuracy": demo.accuracy(path)}
+    return {"accuracy": demo.accuracy(path), "preference_accuracy": demo.preference_accuracy(path)}
 
 
 def stage_sft(demo: Demo) -> dict:
@@ -87,7 +116,11 @@ def stage_sft(demo: Demo) -> dict:
     )
     result = sft.run(config)
     demo.policy_path = Path(config.trainer.output_dir) / "hf"
-    return {"accuracy": demo.accuracy(demo.policy_path), "eval_loss": result.eval_metrics["loss"]}
+    return {
+        "accuracy": demo.accuracy(demo.policy_path),
+        "preference_accuracy": demo.preference_accuracy(demo.policy_path),
+        "eval_loss": result.eval_metrics["loss"],
+    }
 
 
 def stage_rm(demo: Demo) -> dict:
@@ -103,7 +136,27 @@ def stage_rm(demo: Demo) -> dict:
     return {"pairwise_accuracy": result.eval_metrics["accuracy"], "margin": result.eval_metrics["margin"]}
 
 
-STAGES: dict[str, Callable[[Demo], dict]] = {"sft": stage_sft, "rm": stage_rm}
+def stage_dpo(demo: Demo) -> dict:
+    from stema.trainers import dpo
+
+    config = DPOConfig(
+        model=ModelConfig(path=str(demo.policy_path)),
+        data=demo.data_config(),
+        optim=OptimConfig(lr=DPO_LR, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1),
+        trainer=demo.trainer_config("dpo", steps=demo.config.dpo_steps),
+        preference=PreferenceConfig(loss="dpo", beta=DPO_BETA),
+    )
+    result = dpo.run(config)
+    demo.policy_path = Path(config.trainer.output_dir) / "hf"
+    return {
+        "accuracy": demo.accuracy(demo.policy_path),
+        "preference_accuracy": demo.preference_accuracy(demo.policy_path),
+        "reward_accuracy": result.eval_metrics["rewards/accuracy"],
+        "eval_loss": result.eval_metrics["loss"],
+    }
+
+
+STAGES: dict[str, Callable[[Demo], dict]] = {"sft": stage_sft, "rm": stage_rm, "dpo": stage_dpo}
 
 
 def resolve_stages(text: str) -> list[str]:
@@ -144,13 +197,14 @@ def plot_curves(out: Path, stage: str) -> Path | None:
 
 def format_table(results: dict[str, dict]) -> str:
     lines = [
-        "| stage | held-out exact match | RM pairwise accuracy | seconds |",
-        "| --- | --- | --- | --- |",
+        "| stage | held-out exact match | preference accuracy | RM pairwise accuracy | seconds |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for stage, values in results.items():
         accuracy = f"{values['accuracy']:.1%}" if "accuracy" in values else ""
+        preference = f"{values['preference_accuracy']:.1%}" if "preference_accuracy" in values else ""
         pairwise = f"{values['pairwise_accuracy']:.1%}" if "pairwise_accuracy" in values else ""
-        lines.append(f"| {stage} | {accuracy} | {pairwise} | {values.get('seconds', 0):.0f} |")
+        lines.append(f"| {stage} | {accuracy} | {preference} | {pairwise} | {values.get('seconds', 0):.0f} |")
     return "\n".join(lines)
 
 

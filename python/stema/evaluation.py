@@ -1,5 +1,5 @@
-"""Generation-based evaluation: greedy completions of held-out prompts scored by a reward function
-(exact-match accuracy on a verifiable task)."""
+"""Evaluation: greedy completions of held-out prompts scored by a reward function (exact-match
+accuracy on a verifiable task), and how often a policy prefers the chosen completion of a pair."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from stema.data.collate import collate_prompts
-from stema.data.tokenize import TokenizedPrompt, encode_prompt
+from stema.data.collate import collate_pairs, collate_prompts
+from stema.data.tokenize import TokenizedPair, TokenizedPrompt, encode_prompt
+from stema.training.logprobs import completion_token_logprobs, sequence_logprobs
 
 Prompt = str | list[dict[str, str]]
 
@@ -47,3 +48,22 @@ def mean_reward(
     reward is 1 for a correct answer and 0 otherwise)."""
     completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     return sum(reward(prompt, completion) for prompt, completion in zip(prompts, completions)) / max(1, len(prompts))
+
+
+@torch.no_grad()
+def preference_accuracy(model, pairs: Sequence[TokenizedPair], *, pad_id: int, batch_size: int = 64) -> float:
+    """Fraction of `pairs` for which the policy's summed log-prob of the chosen completion is
+    strictly greater than that of the rejected one (log p(chosen | prompt) > log p(rejected | prompt))."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    preferred = 0
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = {key: value.to(device) for key, value in collate_pairs(chunk, pad_id).items()}
+            chosen, rejected = sequence_logprobs(*completion_token_logprobs(model, batch)).chunk(2)  # [B] each
+            preferred += int((chosen > rejected).sum())
+    finally:
+        model.train(was_training)
+    return preferred / max(1, len(pairs))

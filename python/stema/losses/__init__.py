@@ -6,6 +6,9 @@ global batch across micro-batches and data-parallel ranks. Summing the losses of
 (and all-reducing the sum over ranks) then gives exactly the full-batch loss, whatever the
 micro-batching. Every metric follows the same rule: it is a contribution, already divided by the
 global denominator, so metrics are summed too.
+
+Preference losses of the DPO family have their own registry and entry point,
+`preference_loss(name, ...)` (see `stema.losses.preference`).
 """
 
 from stema.registry import Registry
@@ -19,6 +22,25 @@ def get_loss(name: str):
     return LOSSES.get(name)
 
 
-from . import reward, sft  # noqa: E402  (registers the losses)
+from . import preference, reward, sft  # noqa: E402  (registers the losses)
+from .preference import (  # noqa: E402
+    PREFERENCE_LOSSES,
+    preference_loss,
+    preference_loss_options,
+    register_preference_loss,
+    uses_reference,
+)
 
-__all__ = ["LOSSES", "get_loss", "register_loss", "reward", "sft"]
+__all__ = [
+    "LOSSES",
+    "PREFERENCE_LOSSES",
+    "get_loss",
+    "preference",
+    "preference_loss",
+    "preference_loss_options",
+    "register_loss",
+    "register_preference_loss",
+    "reward",
+    "sft",
+    "uses_reference",
+]

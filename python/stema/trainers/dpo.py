@@ -1,0 +1,203 @@
+"""Direct preference optimization and its family: DPO (and cDPO), IPO, NeMo-Aligner's reward-aware
+RPO losses, and reference-free SimPO.
+
+1. Load the policy (optionally with LoRA) and tokenizer; read, validate and tokenize the preference
+   pairs (TRL's explicit- or implicit-prompt format, or NeMo-Aligner's), labels -100 on the prompt.
+2. Reference model: a frozen copy of the starting policy; with LoRA, the policy itself with its
+   adapters disabled (no second copy); none for a reference-free loss (SimPO). With
+   `preference.precompute_ref_logprobs` the reference runs once over the training and evaluation
+   pairs (batched, no gradients), its sequence log-probs are kept with the pairs, and the
+   reference is freed before training starts.
+3. Each micro-batch: the chosen and rejected sequences run in ONE forward pass of the concatenated
+   `[2B, T]` batch (chosen rows first); per-sequence log-probs of the completion tokens (summed, or
+   averaged with `average_logprobs`) come from the fused kernel with the LM head applied at the
+   completion positions only; the reference's the same way under no_grad (unless precomputed);
+   loss = `stema.losses.preference_loss(preference.loss, ...)`: the per-pair losses summed and
+   divided by the pairs of the whole global batch, plus `sft_loss_weight` x the chosen NLL.
+4. The shared loop steps, evaluates (loss, reward accuracy and margins on held-out pairs),
+   checkpoints and resumes exactly (the reference is rebuilt from the starting weights, or its
+   log-probs recomputed, on resume).
+5. Export the policy in Hugging Face format with its tokenizer.
+
+Departures from TRL's DPOTrainer: dropout is left as the model configures it (TRL turns it off;
+the built-in and common HF causal LMs have none); IPO uses the log-probs as configured (TRL's "ipo"
+always averages over tokens: set `average_logprobs=true` for TRL's IPO); label smoothing is cDPO's
+(TRL 1.x's "sigmoid" has none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from stema.config import DPOConfig, PreferenceConfig
+from stema.data import TokenizedPair, collate_pairs, load_preference_data
+from stema.losses import preference_loss, preference_loss_options, uses_reference
+from stema.models.loading import export_hf, load_policy
+from stema.training import TrainResult, train
+from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
+from stema.training.loop import autocast_context
+from stema.training.setup import report_data, start_run
+
+
+@dataclass(frozen=True)
+class ReferencedPair:
+    """A preference pair with the reference model's sequence log-probs of its two completions."""
+
+    pair: TokenizedPair
+    ref_chosen_logps: float
+    ref_rejected_logps: float
+
+
+def _on_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def precompute_reference_logprobs(
+    reference: ReferenceModel,
+    pairs: Sequence[TokenizedPair],
+    *,
+    pad_id: int,
+    batch_size: int,
+    average: bool,
+    autocast: Callable,
+) -> list[ReferencedPair]:
+    """Each pair with the reference's sequence log-probs of its chosen and rejected completions,
+    from batched no-grad forward passes of `batch_size` pairs (`[2 * batch_size, T]` rows)."""
+    device = next(reference.model.parameters()).device
+    referenced = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = _on_device(collate_pairs(chunk, pad_id), device)
+        with autocast():
+            logps = sequence_logprobs(*reference.token_logprobs(batch), average=average)  # [2B]
+        chosen, rejected = logps.float().cpu().split(len(chunk))
+        referenced.extend(ReferencedPair(pair, float(c), float(r)) for pair, c, r in zip(chunk, chosen, rejected))
+    return referenced
+
+
+class DPOAlgorithm:
+    """The DPO family on the shared loop (see the module docstring)."""
+
+    name = "dpo"
+
+    def __init__(self, *, pad_id: int, preference: PreferenceConfig, reference: ReferenceModel | None, micro_batch_size: int):
+        self.pad_id = pad_id
+        self.preference = preference
+        self.reference = reference
+        self.micro_batch_size = micro_batch_size
+        self.options = preference_loss_options(preference.loss)
+
+    def denominators(self, examples):
+        return {"pairs": len(examples)}
+
+    def collate(self, examples):
+        """`collate_pairs`' `[2B, T]` batch, with chosen_reward / rejected_reward `[B]` (the
+        configured defaults where the data has none) and, when precomputed, ref_chosen_logps /
+        ref_rejected_logps `[B]`."""
+        pairs = [example.pair if isinstance(example, ReferencedPair) else example for example in examples]
+        batch = collate_pairs(pairs, self.pad_id)
+        if "chosen_reward" not in batch:
+            batch["chosen_reward"] = torch.full((len(pairs),), self.preference.default_chosen_reward)
+            batch["rejected_reward"] = torch.full((len(pairs),), self.preference.default_rejected_reward)
+        if isinstance(examples[0], ReferencedPair):
+            batch["ref_chosen_logps"] = torch.tensor([example.ref_chosen_logps for example in examples])
+            batch["ref_rejected_logps"] = torch.tensor([example.ref_rejected_logps for example in examples])
+        return batch
+
+    def reference_logps(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(chosen, rejected) `[B]` reference log-probs: precomputed, from the live reference, or None."""
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if self.reference is None:
+            return None, None
+        logps = sequence_logprobs(*self.reference.token_logprobs(batch), average=self.preference.average_logprobs)
+        return logps.chunk(2)
+
+    def loss(self, model, batch, denominators):
+        token_logprobs, mask = completion_token_logprobs(model, batch)  # [2B, T]: chosen rows, then rejected
+        policy_chosen, policy_rejected = sequence_logprobs(token_logprobs, mask, average=self.preference.average_logprobs).chunk(2)
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        available = {
+            "label_smoothing": self.preference.label_smoothing,
+            "gt_reward_scale": self.preference.gt_reward_scale,
+            "simpo_gamma": self.preference.simpo_gamma,
+            "chosen_rewards": batch["chosen_reward"],
+            "rejected_rewards": batch["rejected_reward"],
+        }
+        return preference_loss(
+            self.preference.loss,
+            policy_chosen_logps=policy_chosen,
+            policy_rejected_logps=policy_rejected,
+            ref_chosen_logps=ref_chosen,
+            ref_rejected_logps=ref_rejected,
+            beta=self.preference.beta,
+            num_pairs=denominators["pairs"],
+            sft_loss_weight=self.preference.sft_loss_weight,
+            **{name: available[name] for name in self.options},
+        )
+
+    def num_tokens(self, batch):
+        return int(batch["attention_mask"].sum())
+
+    def evaluate(self, model, examples):
+        device = next(model.parameters()).device
+        denominators = self.denominators(examples)
+        totals: dict[str, float] = {}
+        for start in range(0, len(examples), self.micro_batch_size):
+            batch = _on_device(self.collate(examples[start : start + self.micro_batch_size]), device)
+            loss, metrics = self.loss(model, batch, denominators)
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        return totals
+
+
+def run(config: DPOConfig) -> TrainResult:
+    run_info = start_run(config, command="dpo")
+    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+    model.to(run_info.device)
+    train_examples, train_report = load_preference_data(config.data, tokenizer, "train")
+    report_data(run_info, "train", train_examples, train_report)
+    eval_examples = None
+    if config.data.eval:
+        eval_examples, eval_report = load_preference_data(config.data, tokenizer, "eval")
+        report_data(run_info, "eval", eval_examples, eval_report)
+
+    preference = config.preference
+    reference = ReferenceModel.of(model) if uses_reference(preference.loss) else None
+    if reference is not None and preference.precompute_ref_logprobs:
+        precompute = dict(
+            pad_id=tokenizer.pad_token_id,
+            batch_size=config.trainer.micro_batch_size,
+            average=preference.average_logprobs,
+            autocast=lambda: autocast_context(config.trainer, run_info.device),
+        )
+        train_examples = precompute_reference_logprobs(reference, train_examples, **precompute)
+        if eval_examples:
+            eval_examples = precompute_reference_logprobs(reference, eval_examples, **precompute)
+        reference.release()
+        reference = None
+        run_info.say("reference log-probs precomputed for every pair; the reference model is freed")
+
+    algorithm = DPOAlgorithm(
+        pad_id=tokenizer.pad_token_id,
+        preference=preference,
+        reference=reference,
+        micro_batch_size=config.trainer.micro_batch_size,
+    )
+    result = train(
+        model=model,
+        algorithm=algorithm,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        trainer_cfg=config.trainer,
+        optim_cfg=config.optim,
+        shuffle=config.data.shuffle,
+    )
+    if config.trainer.export_hf:
+        path = export_hf(model, tokenizer, run_info.export_dir, merge_lora=config.model.lora.merge_on_export)
+        run_info.say(f"exported the model to {path}")
+    run_info.say(f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}")
+    return result

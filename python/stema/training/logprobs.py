@@ -1,0 +1,110 @@
+"""Log-probs of completions under a policy or its reference: what DPO, KTO and PPO share.
+
+    token_logprobs, mask = completion_token_logprobs(model, batch)   # [N, T] fp32, [N, T] bool
+    logps = sequence_logprobs(token_logprobs, mask, average=False)    # [N]
+    reference = ReferenceModel.of(policy)     # frozen copy, or the LoRA policy with adapters off
+    ref_logps = sequence_logprobs(*reference.token_logprobs(batch), average=False)
+
+`batch` holds right-padded `input_ids`, `attention_mask` and `labels` `[N, T]` (labels -100 where
+a token is not trained), as the collators of `stema.data` make them. Position t of the outputs is
+the log-prob of the token at t + 1 (the label that position predicts).
+
+The LM head is applied only at the positions that carry a label: the backbone's hidden states
+`[N, T, H]` are gathered at the M labelled positions and projected to `[M, V]` logits, which the
+fused kernel `stema_kernels.token_logprobs` turns into log-probs. Prompt and padding positions
+never get `[V]` logits, which in preference data (long prompts, short completions, large
+vocabularies) saves most of the LM head's time and memory. Models whose logits are more than the
+plain LM-head projection (final soft-capping or logit scales) take the full forward instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+
+import stema_kernels
+from stema.models.loading import disable_adapters, is_lora_model, unwrap_lora
+
+IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Config fields that make a family's logits differ from lm_head(hidden) (Gemma 2/3, Cohere, Granite, ...).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels `[B, T]` -> the label each position predicts, `[B, T]`: shifted left, -100 at the end."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def lm_head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(backbone, lm_head) of a causal LM whose logits are exactly `lm_head(backbone(...)[0])`, or
+    None when the model transforms its logits further (then only its own forward is right). With
+    LoRA, both parts are the peft-injected modules, so adapters (and disabling them) apply."""
+    hf_model = unwrap_lora(model)
+    text_config = hf_model.config.get_text_config()
+    if any(getattr(text_config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    head = hf_model.get_output_embeddings()
+    backbone = getattr(hf_model, hf_model.base_model_prefix, None)
+    if head is None or backbone is None or backbone is hf_model:
+        return None
+    return backbone, head
+
+
+def completion_token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs `[N, T]` fp32, 0 where unlabelled; mask `[N, T]` bool of the labelled positions)."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    targets = next_token_labels(batch["labels"])  # [N, T]
+    mask = targets != IGNORE_INDEX
+    parts = lm_head_parts(model)
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits  # [N, T, V]
+        return stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX), mask
+    backbone, head = parts
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # [N, T, H]
+    logits = head(hidden[mask])  # [M, V], M = labelled positions
+    selected = stema_kernels.token_logprobs(logits, targets[mask])  # [M] fp32
+    return selected.new_zeros(mask.shape).masked_scatter(mask, selected), mask
+
+
+def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:
+    """Per-sequence log-probs `[N]`: the sum over labelled tokens, or their mean when `average`."""
+    total = (token_logprobs * mask).sum(-1)
+    if not average:
+        return total
+    return total / mask.sum(-1).clamp(min=1)
+
+
+class ReferenceModel:
+    """The frozen reference policy: a separate frozen copy of the policy's starting weights (eval
+    mode, no gradients), or, for a LoRA policy, the policy itself with its adapters disabled (no
+    second copy of the weights in memory). Build it before the policy trains."""
+
+    def __init__(self, model: torch.nn.Module, *, adapters_disabled: bool):
+        self.model: torch.nn.Module | None = model
+        self.adapters_disabled = adapters_disabled
+
+    @classmethod
+    def of(cls, policy: torch.nn.Module) -> "ReferenceModel":
+        """The reference of `policy` as it is now: adapters disabled with LoRA, else a frozen copy."""
+        if is_lora_model(policy):
+            return cls(policy, adapters_disabled=True)
+        frozen = copy.deepcopy(policy).eval()
+        frozen.requires_grad_(False)
+        return cls(frozen, adapters_disabled=False)
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`completion_token_logprobs` of the reference, without gradients."""
+        if self.model is None:
+            raise RuntimeError("the reference model was released")
+        context = disable_adapters(self.model) if self.adapters_disabled else contextlib.nullcontext()
+        with context:
+            return completion_token_logprobs(self.model, batch)
+
+    def release(self) -> None:
+        """Drop the reference (once its log-probs are precomputed), freeing a frozen copy's memory."""
+        self.model = None
