@@ -35,11 +35,11 @@ import torch
 from stema.config import DPOConfig, PreferenceConfig
 from stema.data import TokenizedPair, collate_pairs, load_preference_data
 from stema.losses import preference_loss, preference_loss_options, uses_reference
-from stema.models.loading import export_hf, load_policy
+from stema.models.loading import load_policy
 from stema.training import TrainResult, train
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
-from stema.training.loop import autocast_context
-from stema.training.setup import report_data, start_run
+from stema.training.loop import autocast_context, evaluate_sums, to_device
+from stema.training.setup import export_model, load_splits, start_run
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,6 @@ class ReferencedPair:
     pair: TokenizedPair
     ref_chosen_logps: float
     ref_rejected_logps: float
-
-
-def _on_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 def precompute_reference_logprobs(
@@ -70,7 +66,7 @@ def precompute_reference_logprobs(
     referenced = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        batch = _on_device(collate_pairs(chunk, pad_id), device)
+        batch = to_device(collate_pairs(chunk, pad_id), device)
         with autocast():
             logps = sequence_logprobs(*reference.token_logprobs(batch), average=average)  # [2B]
         chosen, rejected = logps.float().cpu().split(len(chunk))
@@ -143,27 +139,14 @@ class DPOAlgorithm:
         return int(batch["attention_mask"].sum())
 
     def evaluate(self, model, examples):
-        device = next(model.parameters()).device
-        denominators = self.denominators(examples)
-        totals: dict[str, float] = {}
-        for start in range(0, len(examples), self.micro_batch_size):
-            batch = _on_device(self.collate(examples[start : start + self.micro_batch_size]), device)
-            loss, metrics = self.loss(model, batch, denominators)
-            for key, value in {"loss": loss, **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-        return totals
+        return evaluate_sums(model, self, examples, micro_batch_size=self.micro_batch_size)
 
 
 def run(config: DPOConfig) -> TrainResult:
     run_info = start_run(config, command="dpo")
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model.to(run_info.device)
-    train_examples, train_report = load_preference_data(config.data, tokenizer, "train")
-    report_data(run_info, "train", train_examples, train_report)
-    eval_examples = None
-    if config.data.eval:
-        eval_examples, eval_report = load_preference_data(config.data, tokenizer, "eval")
-        report_data(run_info, "eval", eval_examples, eval_report)
+    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_preference_data)
 
     preference = config.preference
     reference = ReferenceModel.of(model) if uses_reference(preference.loss) else None
@@ -196,8 +179,6 @@ def run(config: DPOConfig) -> TrainResult:
         optim_cfg=config.optim,
         shuffle=config.data.shuffle,
     )
-    if config.trainer.export_hf:
-        path = export_hf(model, tokenizer, run_info.export_dir, merge_lora=config.model.lora.merge_on_export)
-        run_info.say(f"exported the model to {path}")
+    export_model(run_info, config, model, tokenizer)
     run_info.say(f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}")
     return result

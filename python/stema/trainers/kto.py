@@ -31,11 +31,11 @@ from stema.config import KTOConfig, KTOLossConfig
 from stema.data import TokenizedUnpaired, collate_unpaired, load_unpaired_data
 from stema.data.tokenize import IGNORE_INDEX
 from stema.losses import get_loss
-from stema.models.loading import export_hf, load_policy
+from stema.models.loading import load_policy
 from stema.training import TrainResult, train
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
-from stema.training.loop import autocast_context
-from stema.training.setup import report_data, start_run
+from stema.training.loop import autocast_context, evaluate_sums, to_device
+from stema.training.setup import export_model, load_splits, start_run
 
 
 def _prompt_length(example: TokenizedUnpaired) -> int:
@@ -54,10 +54,6 @@ def mismatched_examples(examples: Sequence[TokenizedUnpaired], *, max_length: in
         labels = [IGNORE_INDEX] * prompt_length + donor.labels[donor_prompt_length:]
         mismatched.append(TokenizedUnpaired(input_ids[:max_length], labels[:max_length], example.label, example.location))
     return mismatched
-
-
-def _on_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 class KTOAlgorithm:
@@ -92,7 +88,7 @@ class KTOAlgorithm:
         mismatched = mismatched_examples(examples, max_length=self.max_length)
         total = 0.0
         for start in range(0, len(mismatched), self.micro_batch_size):
-            batch = _on_device(collate_unpaired(mismatched[start : start + self.micro_batch_size], self.pad_id), device)
+            batch = to_device(collate_unpaired(mismatched[start : start + self.micro_batch_size], self.pad_id), device)
             with self.autocast():
                 policy = sequence_logprobs(*completion_token_logprobs(self.policy, batch), average=self.kto.average_logprobs)
                 reference = sequence_logprobs(*self.reference.token_logprobs(batch), average=self.kto.average_logprobs)
@@ -131,27 +127,14 @@ class KTOAlgorithm:
         return int(batch["attention_mask"].sum())
 
     def evaluate(self, model, examples):
-        device = next(model.parameters()).device
-        denominators = self.denominators(examples)
-        totals: dict[str, float] = {}
-        for start in range(0, len(examples), self.micro_batch_size):
-            batch = _on_device(self.collate(examples[start : start + self.micro_batch_size]), device)
-            loss, metrics = self.loss(model, batch, denominators)
-            for key, value in {"loss": loss, **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-        return totals
+        return evaluate_sums(model, self, examples, micro_batch_size=self.micro_batch_size)
 
 
 def run(config: KTOConfig) -> TrainResult:
     run_info = start_run(config, command="kto")
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model.to(run_info.device)
-    train_examples, train_report = load_unpaired_data(config.data, tokenizer, "train")
-    report_data(run_info, "train", train_examples, train_report)
-    eval_examples = None
-    if config.data.eval:
-        eval_examples, eval_report = load_unpaired_data(config.data, tokenizer, "eval")
-        report_data(run_info, "eval", eval_examples, eval_report)
+    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_unpaired_data)
     algorithm = KTOAlgorithm(
         policy=model,
         reference=ReferenceModel.of(model),
@@ -170,8 +153,6 @@ def run(config: KTOConfig) -> TrainResult:
         optim_cfg=config.optim,
         shuffle=config.data.shuffle,
     )
-    if config.trainer.export_hf:
-        path = export_hf(model, tokenizer, run_info.export_dir, merge_lora=config.model.lora.merge_on_export)
-        run_info.say(f"exported the model to {path}")
+    export_model(run_info, config, model, tokenizer)
     run_info.say(f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}")
     return result

@@ -92,7 +92,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             parameters[name].copy_(value)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
@@ -104,7 +104,7 @@ def evaluate_sums(model: torch.nn.Module, algorithm: Algorithm, examples: Sequen
     denominators = algorithm.denominators(examples)
     totals: dict[str, float] = {}
     for start in range(0, len(examples), micro_batch_size):
-        batch = _to_device(algorithm.collate(examples[start : start + micro_batch_size]), device)
+        batch = to_device(algorithm.collate(examples[start : start + micro_batch_size]), device)
         loss, metrics = algorithm.loss(model, batch, denominators)
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value)
@@ -190,7 +190,7 @@ def train(
             totals: dict[str, float] = {}
             tokens = 0
             for start in range(0, len(examples), micro_size):
-                batch = _to_device(algorithm.collate(examples[start : start + micro_size]), device)
+                batch = to_device(algorithm.collate(examples[start : start + micro_size]), device)
                 with autocast_context(trainer_cfg, device):
                     loss, metrics = algorithm.loss(model, batch, denominators)
                 loss.backward()
