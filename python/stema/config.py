@@ -223,10 +223,10 @@ class DemoConfig:
     stages: str = option("default", "Comma-separated stages to run in order, 'default', or 'all'.")
     seed: int = option(0, "Seed for the tiny model, the task data and training.")
     num_train: int = option(4000, "Built-in training questions (SFT examples and preference pairs).")
-    num_heldout: int = option(200, "Held-out questions for exact-match accuracy and pairwise accuracy.")
+    num_heldout: int = option(1000, "Held-out questions for exact-match accuracy and pairwise accuracy.")
     sft_steps: int = option(600, "SFT optimizer steps.")
     rm_steps: int = option(200, "Reward-model optimizer steps.")
-    dpo_steps: int = option(100, "DPO optimizer steps.")
+    dpo_steps: int = option(600, "DPO optimizer steps.")
     batch_size: int = option(32, "Global batch size of every stage.")
     progress_bar: bool = option(True, "Show progress bars.")
 

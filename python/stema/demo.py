@@ -5,8 +5,9 @@ A recipe on top of the trainers (it wires them; no library code imports it):
 2. `sft`: supervised fine-tuning on the built-in questions and answers; accuracy again.
 3. `rm`: a Bradley-Terry reward model from the SFT model on the built-in preference pairs
    (right answer vs a plausible mistake); pairwise accuracy on held-out pairs.
-4. `dpo`: DPO from the SFT model (which is also its reference) on the same preference pairs;
-   exact-match and preference accuracy again.
+4. `dpo`: DPO (with the chosen answers' NLL added, see DPO_SFT_LOSS_WEIGHT) from the SFT model,
+   which is also its reference, on the same preference pairs; exact-match and preference accuracy
+   again.
 Later stages (ppo, steerlm, spin, rs) join as their algorithms land.
 
 Preference accuracy (base, sft, dpo) is the fraction of held-out preference pairs for which the
@@ -44,8 +45,13 @@ from stema.models.tiny import TinyModelSpec, save_tiny_model
 from stema.training.logging import read_metrics
 
 MAX_NEW_TOKENS = 6  # answers are at most 3 digits, then <|end|>
-DPO_BETA = 0.1
-DPO_LR = 3e-4
+# DPO stage: DPO + the chosen answers' NLL (NeMo-Aligner's sft_loss_weight; Pang et al. 2024,
+# https://arxiv.org/abs/2404.19733, found the NLL term necessary on arithmetic reasoning). Plain DPO
+# (sft_loss_weight 0) on this tiny model lowers the chosen answers' likelihood with the rejected
+# ones' and leaves held-out exact match where SFT left it.
+DPO_BETA = 1.0
+DPO_LR = 1e-3
+DPO_SFT_LOSS_WEIGHT = 1.0
 DEFAULT_STAGES = ("sft", "rm", "dpo")
 
 
@@ -144,7 +150,9 @@ def stage_dpo(demo: Demo) -> dict:
         data=demo.data_config(),
         optim=OptimConfig(lr=DPO_LR, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1),
         trainer=demo.trainer_config("dpo", steps=demo.config.dpo_steps),
-        preference=PreferenceConfig(loss="dpo", beta=DPO_BETA),
+        # The reference runs once over the pairs instead of at every step (fewer forward passes
+        # when the stage sees each pair more than once).
+        preference=PreferenceConfig(loss="dpo", beta=DPO_BETA, sft_loss_weight=DPO_SFT_LOSS_WEIGHT, precompute_ref_logprobs=True),
     )
     result = dpo.run(config)
     demo.policy_path = Path(config.trainer.output_dir) / "hf"

@@ -95,9 +95,10 @@ class DPOAlgorithm:
         ref_rejected_logps `[B]`."""
         pairs = [example.pair if isinstance(example, ReferencedPair) else example for example in examples]
         batch = collate_pairs(pairs, self.pad_id)
-        if "chosen_reward" not in batch:
-            batch["chosen_reward"] = torch.full((len(pairs),), self.preference.default_chosen_reward)
-            batch["rejected_reward"] = torch.full((len(pairs),), self.preference.default_rejected_reward)
+        defaults = {"chosen_reward": self.preference.default_chosen_reward, "rejected_reward": self.preference.default_rejected_reward}
+        for name, default in defaults.items():
+            if name not in batch:
+                batch[name] = torch.full((len(pairs),), default)
         if isinstance(examples[0], ReferencedPair):
             batch["ref_chosen_logps"] = torch.tensor([example.ref_chosen_logps for example in examples])
             batch["ref_rejected_logps"] = torch.tensor([example.ref_rejected_logps for example in examples])
