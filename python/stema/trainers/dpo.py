@@ -36,10 +36,10 @@ from stema.config import DPOConfig, PreferenceConfig
 from stema.data import TokenizedPair, collate_pairs, load_preference_data
 from stema.losses import preference_loss, preference_loss_options, uses_reference
 from stema.models.loading import load_policy
-from stema.training import TrainResult, train
+from stema.training import TrainResult
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.loop import autocast_context, evaluate_sums, to_device
-from stema.training.setup import export_model, load_splits, start_run
+from stema.training.setup import fit, load_splits, start_run
 
 
 @dataclass(frozen=True)
@@ -171,15 +171,7 @@ def run(config: DPOConfig) -> TrainResult:
         reference=reference,
         micro_batch_size=config.trainer.micro_batch_size,
     )
-    result = train(
-        model=model,
-        algorithm=algorithm,
-        train_examples=train_examples,
-        eval_examples=eval_examples,
-        trainer_cfg=config.trainer,
-        optim_cfg=config.optim,
-        shuffle=config.data.shuffle,
+    return fit(
+        run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm,
+        train_examples=train_examples, eval_examples=eval_examples,
     )
-    export_model(run_info, config, model, tokenizer)
-    run_info.say(f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}")
-    return result

@@ -32,10 +32,10 @@ from stema.data import TokenizedUnpaired, collate_unpaired, load_unpaired_data
 from stema.data.tokenize import IGNORE_INDEX
 from stema.losses import get_loss
 from stema.models.loading import load_policy
-from stema.training import TrainResult, train
+from stema.training import TrainResult
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.loop import autocast_context, evaluate_sums, to_device
-from stema.training.setup import export_model, load_splits, start_run
+from stema.training.setup import fit, load_splits, start_run
 
 
 def _prompt_length(example: TokenizedUnpaired) -> int:
@@ -144,15 +144,7 @@ def run(config: KTOConfig) -> TrainResult:
         max_length=config.data.max_length,
         autocast=lambda: autocast_context(config.trainer, run_info.device),
     )
-    result = train(
-        model=model,
-        algorithm=algorithm,
-        train_examples=train_examples,
-        eval_examples=eval_examples,
-        trainer_cfg=config.trainer,
-        optim_cfg=config.optim,
-        shuffle=config.data.shuffle,
+    return fit(
+        run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm,
+        train_examples=train_examples, eval_examples=eval_examples,
     )
-    export_model(run_info, config, model, tokenizer)
-    run_info.say(f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}")
-    return result

@@ -21,9 +21,9 @@ from stema.data import collate_attributes, collate_pairs, load_attribute_data, l
 from stema.losses import get_loss
 from stema.losses.reward import IGNORE_LABEL
 from stema.models.loading import load_reward_model
-from stema.training import TrainResult, train
+from stema.training import TrainResult
 from stema.training.loop import evaluate_sums
-from stema.training.setup import export_model, load_splits, start_run
+from stema.training.setup import fit, load_splits, start_run
 
 
 def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -112,15 +112,7 @@ def run(config: RMConfig) -> TrainResult:
         load = load_attribute_data
         algorithm = RegressionRewardAlgorithm(pad_id=tokenizer.pad_token_id, micro_batch_size=config.trainer.micro_batch_size)
     train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load)
-    result = train(
-        model=model,
-        algorithm=algorithm,
-        train_examples=train_examples,
-        eval_examples=eval_examples,
-        trainer_cfg=config.trainer,
-        optim_cfg=config.optim,
-        shuffle=config.data.shuffle,
+    return fit(
+        run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm,
+        train_examples=train_examples, eval_examples=eval_examples,
     )
-    export_model(run_info, config, model, tokenizer)
-    run_info.say(f"done after {result.step} steps; eval {result.eval_metrics}")
-    return result

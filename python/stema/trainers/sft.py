@@ -25,9 +25,9 @@ from stema.data import collate_packed, collate_sft, load_sft_data, pack_sft, pac
 from stema.data.tokenize import TokenizedSFT
 from stema.losses import get_loss
 from stema.models.loading import load_policy
-from stema.training import TrainResult, train
+from stema.training import TrainResult
 from stema.training.loop import evaluate_sums
-from stema.training.setup import export_model, load_splits, start_run
+from stema.training.setup import fit, load_splits, start_run
 
 IGNORE_INDEX = -100
 
@@ -103,15 +103,7 @@ def run(config: SFTConfig) -> TrainResult:
         micro_batch_size=config.trainer.micro_batch_size,
         attn_implementation=config.model.attn_implementation,
     )
-    result = train(
-        model=model,
-        algorithm=algorithm,
-        train_examples=train_examples,
-        eval_examples=eval_examples,
-        trainer_cfg=config.trainer,
-        optim_cfg=config.optim,
-        shuffle=config.data.shuffle,
+    return fit(
+        run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm,
+        train_examples=train_examples, eval_examples=eval_examples,
     )
-    export_model(run_info, config, model, tokenizer)
-    run_info.say(f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}")
-    return result

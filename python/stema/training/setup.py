@@ -79,3 +79,22 @@ def export_model(run: Run, config: Any, model: Any, tokenizer: Any) -> Path | No
     path = export_hf(model, tokenizer, run.export_dir, merge_lora=config.model.lora.merge_on_export)
     run.say(f"exported the model to {path}")
     return path
+
+
+def fit(run: Run, config: Any, *, model: Any, tokenizer: Any, algorithm: Any, train_examples: list, eval_examples: list | None):
+    """Train with the shared loop under `config.trainer`/`config.optim`, export, and say how it ended."""
+    from .loop import train
+
+    result = train(
+        model=model,
+        algorithm=algorithm,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        trainer_cfg=config.trainer,
+        optim_cfg=config.optim,
+        shuffle=config.data.shuffle,
+    )
+    export_model(run, config, model, tokenizer)
+    summary = f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}"
+    run.say(summary + (f"; eval {result.eval_metrics}" if result.eval_metrics else ""))
+    return result
