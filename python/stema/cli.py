@@ -14,7 +14,18 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from stema import __version__
-from stema.config import ConfigError, DemoConfig, DPOConfig, KTOConfig, RMConfig, SFTConfig, describe, load_config
+from stema.config import (
+    ConfigError,
+    DemoConfig,
+    DPOConfig,
+    GRPOConfig,
+    KTOConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    describe,
+    load_config,
+)
 
 
 def _run_sft(config: SFTConfig) -> Any:
@@ -41,6 +52,18 @@ def _run_kto(config: KTOConfig) -> Any:
     return run(config)
 
 
+def _run_ppo(config: PPOConfig) -> Any:
+    from stema.trainers.ppo import run
+
+    return run(config)
+
+
+def _run_grpo(config: GRPOConfig) -> Any:
+    from stema.trainers.ppo import run_grpo
+
+    return run_grpo(config)
+
+
 def _run_demo(config: Any) -> Any:
     from stema.demo import run
 
@@ -62,6 +85,8 @@ COMMANDS = {
         Command("rm", "Reward model: pairwise Bradley-Terry or multi-attribute regression.", lambda: RMConfig, _run_rm),
         Command("dpo", "Preference optimization: DPO, cDPO, IPO, RPO (reward-aware), SimPO; LoRA or full.", lambda: DPOConfig, _run_dpo),
         Command("kto", "KTO on unpaired (prompt, completion, label) data.", lambda: KTOConfig, _run_kto),
+        Command("ppo", "RLHF with PPO: actor, critic, reward, reference roles; gae, reinforce, rloo or grpo advantages.", lambda: PPOConfig, _run_ppo),
+        Command("grpo", "GRPO: PPO's machinery with group-normalized advantages, no critic, KL in the loss.", lambda: GRPOConfig, _run_grpo),
         Command("demo", "Built-in tiny model and task end to end on a CPU, no download.", lambda: DemoConfig, _run_demo),
     )
 }

@@ -173,6 +173,70 @@ class KTOLossConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Generation during PPO: sampling and the rollout engines (STEMA's own, refitted in place)."""
+
+    samples_per_prompt: int = option(1, "Responses generated per prompt (at least 2 for the rloo and grpo estimators).")
+    max_new_tokens: int = option(64, "Longest response, in tokens.")
+    temperature: float = option(1.0, "Sampling temperature (the trainer scores tokens at the same temperature).")
+    top_p: float = option(1.0, "Nucleus sampling: smallest set of tokens with this much probability (1: off).")
+    top_k: int = option(0, "Sample among the k most likely tokens (0: off).")
+    stop_strings: list[str] = option([], "Strings that end a response (besides EOS).")
+    engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Engine weights dtype; 'auto': bf16 on GPU, fp32 on CPU.")
+    max_batch: int = option(64, "Sequences an engine generates at once (its KV cache holds this many).")
+    num_engines: int = option(1, "Rollout engines (each its own weight copy) pulling prompt batches from the load-balancing scheduler.")
+
+
+@dataclass
+class PPOAlgorithmConfig:
+    """The PPO update: advantages, clipping, KL penalty, rewards, epochs."""
+
+    advantage: Literal["gae", "reinforce", "rloo", "grpo"] = option(
+        "gae", "Advantage estimator: gae (needs the critic), reinforce, rloo, grpo (group-normalized; several samples per prompt)."
+    )
+    gamma: float = option(1.0, "Discount factor.")
+    lam: float = option(0.95, "GAE lambda.")
+    whiten_advantages: bool = option(True, "Normalize advantages to zero mean and unit variance over the rollout batch's tokens.")
+    clip_ratio: float = option(0.2, "PPO ratio clipping epsilon.")
+    value_clip: float = option(0.2, "Critic value clipping around the rollout's values (0: off).")
+    entropy_coef: float = option(0.0, "Entropy bonus coefficient.")
+    kl_coef: float = option(0.05, "KL penalty coefficient (the start value when adaptive).")
+    kl_target: float | None = option(None, "Adaptive KL: target per-sequence KL (null: fixed kl_coef).")
+    kl_horizon: int = option(10000, "Adaptive KL: horizon in samples (Ziegler et al. 2019).")
+    kl_in: Literal["reward", "loss"] = option("reward", "Where the KL penalty goes: per-token in the reward (PPO), or in the loss (GRPO).")
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", "KL estimator of the penalty (k1 = log-ratio; GRPO uses k3 in the loss).")
+    reward_clip: float = option(0.0, "Clip sequence scores to [-reward_clip, reward_clip] (0: off).")
+    normalize_rewards: bool = option(False, "Normalize sequence scores by running mean and std across steps.")
+    truncation_penalty: float | None = option(None, "Score given instead of the reward to responses cut at max_new_tokens (null: no penalty).")
+    ppo_epochs: int = option(1, "Passes over each rollout batch.")
+    minibatch_size: int = option(0, "Sequences per optimizer step within a pass (0: the whole rollout batch).")
+    critic_warmup_steps: int = option(0, "First steps in which only the critic trains.")
+
+
+@dataclass
+class PPORewardConfig:
+    """Where PPO's rewards come from: a Python function or a trained reward model (exactly one)."""
+
+    function: str = option("", "A reward function 'module:function' called as f(prompt, completion_text) -> float; 'builtin' for the built-in task.")
+    model: str = option("", "A trained reward model folder (a `stema rm` export with one output).")
+    micro_batch_size: int = option(32, "Sequences per reward-model forward pass.")
+
+
+@dataclass
+class RolesConfig:
+    """How PPO's roles (actor, critic, reward, reference) are placed and called."""
+
+    backend: Literal["local", "ray"] = option("local", "local: roles in this process (calls run in threads); ray: each role a Ray actor.")
+    reference: Literal["copy", "lora", "cpu_offload"] = option(
+        "copy",
+        "Reference policy: a frozen copy in its own role; 'lora': the actor with adapters disabled (needs model.lora); "
+        "'cpu_offload': a frozen copy kept in CPU memory and moved to the device for each call.",
+    )
+    ray_address: str = option("", "Ray cluster to join ('auto', 'ray://host:port'); empty starts a local Ray.")
+    call_timeout_s: float = option(1800.0, "Seconds a role call may take before the run stops with an error naming the role.")
+
+
+@dataclass
 class SFTConfig:
     """`stema sft`: supervised fine-tuning."""
 
@@ -202,6 +266,38 @@ class DPOConfig:
     optim: OptimConfig = section(OptimConfig, "Optimizer.")
     trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
     preference: PreferenceConfig = section(PreferenceConfig, "Preference loss and reference log-probs.")
+
+
+@dataclass
+class PPOConfig:
+    """`stema ppo`: RLHF with PPO (actor, critic, reward, reference roles; the rollout engine refitted in place)."""
+
+    model: ModelConfig = section(ModelConfig, "The actor (policy) model; it is also the reference's starting point.")
+    critic: ModelConfig = field(
+        default_factory=lambda: ModelConfig(path="auto"),
+        metadata={"doc": "Critic (value model); path 'auto': the reward model when reward.model is set, else the policy with a new value head."},
+    )
+    reward: PPORewardConfig = section(PPORewardConfig, "Reward function or reward model.")
+    data: DataConfig = section(DataConfig, "Prompts (prompt-only records, or any format with a prompt; 'builtin' for the built-in task).")
+    optim: OptimConfig = section(OptimConfig, "Actor optimizer.")
+    critic_optim: OptimConfig = section(OptimConfig, "Critic optimizer.")
+    trainer: TrainerConfig = section(
+        TrainerConfig, "Loop: max_steps PPO steps, global_batch_size prompts per step, micro_batch_size sequences per forward/backward."
+    )
+    rollout: RolloutConfig = section(RolloutConfig, "Generation.")
+    ppo: PPOAlgorithmConfig = section(PPOAlgorithmConfig, "The PPO update.")
+    roles: RolesConfig = section(RolesConfig, "Role placement.")
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """`stema grpo`: PPO's machinery with the group-normalized `grpo` estimator, no critic, KL in the loss."""
+
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(samples_per_prompt=4), metadata={"doc": "Generation."})
+    ppo: PPOAlgorithmConfig = field(
+        default_factory=lambda: PPOAlgorithmConfig(advantage="grpo", kl_in="loss", kl_estimator="k3", kl_coef=0.04, whiten_advantages=False),
+        metadata={"doc": "The update (grpo estimator, k3 KL in the loss)."},
+    )
 
 
 @dataclass
@@ -404,12 +500,37 @@ def validate(config: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}label_smoothing applies to loss 'dpo' only (loss is {config.loss!r})")
         if config.precompute_ref_logprobs and config.loss == "simpo":
             raise ConfigError(f"{prefix}precompute_ref_logprobs: loss 'simpo' uses no reference model")
+    if isinstance(config, PPOConfig):
+        _validate_ppo(config)
     if isinstance(config, KTOLossConfig) and config.beta <= 0:
         raise ConfigError(f"{prefix}beta must be > 0, got {config.beta}")
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value):
             validate(value, f"{prefix}{item.name}.")
+
+
+def _validate_ppo(config: PPOConfig) -> None:
+    if bool(config.reward.function) == bool(config.reward.model):
+        raise ConfigError("reward: set exactly one of reward.function and reward.model")
+    if config.ppo.advantage in ("rloo", "grpo") and config.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"rollout.samples_per_prompt: the {config.ppo.advantage} estimator needs at least 2 (got {config.rollout.samples_per_prompt})")
+    if config.roles.reference == "lora" and not config.model.lora.enabled:
+        raise ConfigError("roles.reference: 'lora' needs model.lora.enabled (the reference is the actor with adapters disabled)")
+    for name, value in (("rollout.samples_per_prompt", config.rollout.samples_per_prompt), ("rollout.max_new_tokens", config.rollout.max_new_tokens),
+                        ("rollout.max_batch", config.rollout.max_batch), ("rollout.num_engines", config.rollout.num_engines),
+                        ("ppo.ppo_epochs", config.ppo.ppo_epochs)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    sequences = config.trainer.global_batch_size * config.rollout.samples_per_prompt
+    minibatch = config.ppo.minibatch_size or sequences
+    if sequences % minibatch or minibatch % config.trainer.micro_batch_size:
+        raise ConfigError(
+            f"ppo.minibatch_size ({minibatch}) must divide the rollout batch (trainer.global_batch_size x rollout.samples_per_prompt = "
+            f"{sequences} sequences) and be a multiple of trainer.micro_batch_size ({config.trainer.micro_batch_size})"
+        )
+    if config.ppo.clip_ratio <= 0 or config.rollout.temperature <= 0:
+        raise ConfigError("ppo.clip_ratio and rollout.temperature must be > 0")
 
 
 def to_dict(config: Any) -> dict:

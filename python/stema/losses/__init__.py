@@ -22,7 +22,7 @@ def get_loss(name: str):
     return LOSSES.get(name)
 
 
-from . import preference, reward, sft  # noqa: E402  (registers the losses)
+from . import advantages, ppo, preference, reward, sft  # noqa: E402  (registers the losses)
 from .preference import (  # noqa: E402
     PREFERENCE_LOSSES,
     preference_loss,
@@ -34,7 +34,9 @@ from .preference import (  # noqa: E402
 __all__ = [
     "LOSSES",
     "PREFERENCE_LOSSES",
+    "advantages",
     "get_loss",
+    "ppo",
     "preference",
     "preference_loss",
     "preference_loss_options",

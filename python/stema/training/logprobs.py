@@ -54,20 +54,41 @@ def lm_head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
     return backbone, head
 
 
-def completion_token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs `[N, T]` fp32, 0 where unlabelled; mask `[N, T]` bool of the labelled positions)."""
+def completion_token_logprobs(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """(log-probs `[N, T]` fp32, 0 where unlabelled; mask `[N, T]` bool of the labelled positions),
+    plus the policy's entropy `[N, T]` fp32 (0 where unlabelled) when `return_entropy`. The
+    log-probs are of softmax(logits / temperature) (PPO scores samples drawn at a temperature)."""
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     targets = next_token_labels(batch["labels"])  # [N, T]
     mask = targets != IGNORE_INDEX
+    options = dict(temperature=temperature, return_entropy=return_entropy)
     parts = lm_head_parts(model)
     if parts is None:
         logits = model(**inputs, use_cache=False).logits  # [N, T, V]
-        return stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX), mask
+        outputs = stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX, **options)
+        if not return_entropy:
+            return outputs, mask
+        logprobs, entropy = outputs
+        return logprobs, mask, entropy * mask
     backbone, head = parts
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # [N, T, H]
     logits = head(hidden[mask])  # [M, V], M = labelled positions
-    selected = stema_kernels.token_logprobs(logits, targets[mask])  # [M] fp32
-    return selected.new_zeros(mask.shape).masked_scatter(mask, selected), mask
+    outputs = stema_kernels.token_logprobs(logits, targets[mask], **options)  # [M] fp32 (each)
+    if not return_entropy:
+        return _scatter_to(mask, outputs), mask
+    logprobs, entropy = outputs
+    return _scatter_to(mask, logprobs), mask, _scatter_to(mask, entropy)
+
+
+def _scatter_to(mask: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """`[M]` values at the True positions of `mask` `[N, T]` -> `[N, T]`, 0 elsewhere."""
+    return selected.new_zeros(mask.shape).masked_scatter(mask, selected)
 
 
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:

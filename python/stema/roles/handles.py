@@ -1,0 +1,119 @@
+"""Role handles: one interface over a role worker in this process or in a Ray actor.
+
+    actor = start_role("actor", ActorWorker, backend="local", timeout_s=600, config=cfg)
+    future = actor.submit(ActorWorker.logprobs, batch)    # returns at once
+    ...                                                   # other roles work meanwhile
+    logprobs = future.result()                            # RoleError naming the role on failure
+
+Calls name the worker's method itself (`ActorWorker.logprobs`), never a string, so a typo is an
+AttributeError at the call site and editors follow the call. Each handle runs its calls one at a
+time, in submission order (a local handle on one thread of its own; a Ray actor is sequential by
+default), while different roles run concurrently: critic and reward inference overlap the actor's
+log-probs, as in NeMo-Aligner. Ray is imported only when a Ray handle is made.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Callable
+
+import torch
+
+
+class RoleError(RuntimeError):
+    """A role call that failed or did not return in time; the message names the role and method."""
+
+
+class RoleFuture:
+    """The pending result of one role call."""
+
+    def __init__(self, role: str, method: str, future: concurrent.futures.Future, *, timeout_s: float):
+        self.role, self.method = role, method
+        self._future = future
+        self._timeout_s = timeout_s
+
+    def result(self) -> Any:
+        """The call's return value; RoleError if it raised or took longer than the timeout."""
+        try:
+            return self._future.result(timeout=self._timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise RoleError(f"role {self.role}: {self.method} did not return within {self._timeout_s:g} s (roles.call_timeout_s)") from None
+        except RoleError:
+            raise
+        except Exception as error:
+            raise RoleError(f"role {self.role}: {self.method} failed: {type(error).__name__}: {error}") from error
+
+
+def _method_name(worker_class: type, method: Callable) -> str:
+    name = getattr(method, "__name__", None)
+    if name is None or getattr(worker_class, name, None) is not method:
+        raise TypeError(f"{method!r} is not a method of {worker_class.__name__}")
+    return name
+
+
+class LocalHandle:
+    """A worker object in this process; calls run on the handle's own thread."""
+
+    def __init__(self, role: str, worker: Any, *, timeout_s: float):
+        self.role = role
+        self.worker = worker
+        self.timeout_s = timeout_s
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stema-{role}")
+
+    def submit(self, method: Callable, *args: Any, **kwargs: Any) -> RoleFuture:
+        name = _method_name(type(self.worker), method)
+        future = self._executor.submit(method, self.worker, *args, **kwargs)
+        return RoleFuture(self.role, name, future, timeout_s=self.timeout_s)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class RayHandle:
+    """A worker in a Ray actor (its own process, possibly on another machine)."""
+
+    def __init__(self, role: str, worker_class: type, actor: Any, *, timeout_s: float):
+        self.role = role
+        self.worker_class = worker_class
+        self.actor = actor
+        self.timeout_s = timeout_s
+
+    def submit(self, method: Callable, *args: Any, **kwargs: Any) -> RoleFuture:
+        name = _method_name(self.worker_class, method)
+        reference = getattr(self.actor, name).remote(*args, **kwargs)
+        return RoleFuture(self.role, name, reference.future(), timeout_s=self.timeout_s)
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+
+
+def ensure_ray(address: str = "") -> None:
+    """Start (or join, with `address`) Ray once per process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def start_role(role: str, worker_class: type, *, backend: str, timeout_s: float, ray_address: str = "", **kwargs: Any):
+    """A handle to `worker_class(**kwargs)`, built in this process ('local') or in a new Ray actor
+    ('ray'); construction errors surface here as RoleError naming the role."""
+    if backend == "local":
+        try:
+            return LocalHandle(role, worker_class(**kwargs), timeout_s=timeout_s)
+        except Exception as error:
+            raise RoleError(f"role {role}: could not start {worker_class.__name__}: {type(error).__name__}: {error}") from error
+    if backend != "ray":
+        raise ValueError(f"unknown role backend {backend!r} (local or ray)")
+    import ray
+
+    ensure_ray(ray_address)
+    # Roles only placed, not CPU-reserved: the roles of one run take turns more than they compete,
+    # and a laptop has fewer cores than a run has roles. On a GPU they share it.
+    options = {"num_cpus": 0, "num_gpus": 0.25 if torch.cuda.is_available() else 0, "name": None}
+    actor = ray.remote(worker_class).options(**options).remote(**kwargs)
+    handle = RayHandle(role, worker_class, actor, timeout_s=timeout_s)
+    handle.submit(worker_class.ready).result()  # construction errors surface now, naming the role
+    return handle

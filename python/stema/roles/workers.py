@@ -1,0 +1,392 @@
+"""PPO's role workers: actor, critic, reference and reward, each a plain class that a handle runs
+in this process or in a Ray actor (`stema.roles.handles`).
+
+Each worker builds its own model from the run's `PPOConfig`, so a worker in another process needs
+only the config. Tensors cross role boundaries on the CPU (`stema.roles.experience` layout).
+
+- `ActorWorker`: the policy, its optimizer and its rollout engines (STEMA's generation engine,
+  refitted in place from the policy after every update); generates, scores its own tokens, trains
+  with the clipped PPO loss. With `roles.reference: lora` it is also the reference (adapters off).
+- `CriticWorker`: the value model (a one-output sequence classifier, `token_values`), trained with
+  the clipped value loss.
+- `ReferenceWorker`: a frozen copy of the starting policy (optionally kept in CPU memory between
+  calls).
+- `RewardWorker`: a reward function (`module:function`) or a trained reward model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from stema.config import OptimConfig, PPOConfig
+from stema.losses.ppo import ppo_policy_loss, ppo_value_loss
+from stema.training.checkpoint import rng_state, set_rng_state
+from stema.training.loop import autocast_context, load_trainable_state, trainable_state
+from stema.training.optim import build_optimizer, build_scheduler
+from stema.training.setup import seed_everything
+
+from .experience import model_inputs
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def role_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What `ActorWorker.generate` returns: the rollouts in prompt order and how generation went."""
+
+    rollouts: list  # list[stema.rollout.Rollout]
+    texts: list[str]
+    seconds: float
+    worker_prompts: list[int]  # prompts each engine generated (the scheduler's hand-out)
+    worker_seconds: list[float]
+
+
+class _Updater:
+    """A trainable model with its AdamW and lr schedule, updated by PPO's minibatch passes.
+
+    One `update` call is one PPO step: `epochs` passes over the rollout batch's rows in seeded
+    random order, one optimizer step per minibatch of `minibatch_size` rows, each minibatch in
+    micro-batches whose losses use the minibatch's token count as the denominator (so micro-batching
+    does not change the result); the lr schedule steps once per PPO step.
+    """
+
+    def __init__(self, model: torch.nn.Module, optim_cfg: OptimConfig, *, total_steps: int, max_grad_norm: float):
+        self.model = model
+        self.optimizer = build_optimizer(model, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps=total_steps)
+        self.max_grad_norm = max_grad_norm
+
+    def update(self, *, rows: int, action_mask: torch.Tensor, epochs: int, minibatch_size: int, micro_batch_size: int,
+               seed: int, micro_loss: Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]]) -> dict[str, float]:
+        """Metrics averaged over the optimizer steps (each a sum of micro-batch contributions)."""
+        generator = torch.Generator().manual_seed(seed)
+        minibatch_size = minibatch_size or rows
+        sums: dict[str, float] = {}
+        steps = 0
+        self.model.train()
+        for _ in range(epochs):
+            order = torch.randperm(rows, generator=generator)
+            for start in range(0, rows, minibatch_size):
+                minibatch = order[start : start + minibatch_size]
+                num_tokens = max(1, int(action_mask[minibatch].sum()))
+                totals: dict[str, float] = {}
+                for micro_start in range(0, len(minibatch), micro_batch_size):
+                    loss, metrics = micro_loss(minibatch[micro_start : micro_start + micro_batch_size], num_tokens)
+                    loss.backward()
+                    for key, value in {"loss": loss.detach(), **metrics}.items():
+                        totals[key] = totals.get(key, 0.0) + float(value)
+                if self.max_grad_norm > 0:
+                    parameters = [p for p in self.model.parameters() if p.requires_grad]
+                    totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for key, value in totals.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                steps += 1
+        metrics = {key: value / steps for key, value in sums.items()}
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_trainable_state(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _on(device: torch.device, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+class ActorWorker:
+    """The policy: generation through its rollout engines, its own log-probs, the PPO update."""
+
+    def __init__(self, *, config: PPOConfig, cache_dir: str, total_steps: int):
+        from stema.models.loading import load_policy
+        from stema.rollout import EngineRefitter, GenerationEngine, RolloutPool
+        from stema.training.logprobs import ReferenceModel
+
+        seed_everything(config.trainer.seed)
+        self.config = config
+        self.device = role_device()
+        self.model, self.tokenizer = load_policy(config.model, cache_dir=cache_dir)
+        self.model.to(self.device)
+        self.reference = ReferenceModel(self.model, adapters_disabled=True) if config.roles.reference == "lora" else None
+        self.updater = _Updater(self.model, config.optim, total_steps=total_steps, max_grad_norm=config.optim.max_grad_norm)
+        rollout = config.rollout
+        dtype = None if rollout.engine_dtype == "auto" else _DTYPES[rollout.engine_dtype]
+        max_total_len = config.data.max_length + rollout.max_new_tokens
+        self.engines = [
+            GenerationEngine.from_hf(self.model, dtype=dtype, max_batch=rollout.max_batch, max_total_len=max_total_len)
+            for _ in range(rollout.num_engines)
+        ]
+        self.refitters = [EngineRefitter(engine, self.model) for engine in self.engines]
+        self.pool = RolloutPool(self.engines, max_batch=rollout.max_batch)
+
+    def ready(self) -> bool:
+        return True
+
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, seed: int, greedy: bool = False) -> GenerationResult:
+        """Responses to the prompts (token lists) from the engines, load-balanced by the scheduler."""
+        from stema.rollout import SamplingParams
+
+        rollout = self.config.rollout
+        params = SamplingParams(
+            temperature=0.0 if greedy else rollout.temperature,
+            top_p=rollout.top_p,
+            top_k=rollout.top_k,
+            max_new_tokens=rollout.max_new_tokens,
+            stop_strings=tuple(rollout.stop_strings),
+            seed=seed,
+        )
+        started = time.perf_counter()
+        result = self.pool.generate([list(prompt) for prompt in prompt_token_ids], params, tokenizer=self.tokenizer)
+        return GenerationResult(
+            rollouts=result.batch.sequences,
+            texts=[sequence.text for sequence in result.batch.sequences],
+            seconds=time.perf_counter() - started,
+            worker_prompts=[stats.prompts for stats in result.worker_stats],
+            worker_seconds=[stats.seconds for stats in result.worker_stats],
+        )
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`[B, L]` fp32 log-probs of the response tokens under the current policy (action layout)."""
+        return _policy_logprobs(self.model, batch, self.config, self.device)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`[B, L]` log-probs under the reference: this policy with its LoRA adapters disabled."""
+        if self.reference is None:
+            raise RuntimeError("the actor is not the reference (roles.reference is not 'lora')")
+        from stema.models.loading import disable_adapters
+
+        with disable_adapters(self.model):
+            return _policy_logprobs(self.model, batch, self.config, self.device)
+
+    def train(self, batch: dict[str, torch.Tensor], *, advantages: torch.Tensor, old_logprobs: torch.Tensor,
+              ref_logprobs: torch.Tensor | None, kl_coef: float, step: int) -> dict[str, float]:
+        """One PPO step of the policy on the rollout batch, then the engines refitted in place.
+        Metrics: the loss terms of `ppo_policy_loss`, grad_norm, lr, refit_s."""
+        ppo, trainer = self.config.ppo, self.config.trainer
+        device = self.device
+        inputs = _on(device, model_inputs(batch))
+        advantages, old_logprobs = advantages.to(device), old_logprobs.to(device)
+        in_loss = ppo.kl_in == "loss" and ref_logprobs is not None
+        ref_logprobs = ref_logprobs.to(device) if in_loss else None
+
+        def micro_loss(rows: torch.Tensor, num_tokens: int):
+            from stema.training.logprobs import completion_token_logprobs
+
+            micro = {key: value[rows.to(device)] for key, value in inputs.items()}
+            with autocast_context(trainer, device):
+                logprobs, mask, entropy = completion_token_logprobs(
+                    self.model, micro, temperature=self.config.rollout.temperature, return_entropy=True)
+            index = rows.to(device)
+            return ppo_policy_loss(
+                logprobs, old_logprobs[index], advantages[index], mask, clip_ratio=ppo.clip_ratio, num_tokens=num_tokens,
+                ref_logprobs=ref_logprobs[index] if in_loss else None, kl_coef=kl_coef if in_loss else 0.0,
+                kl_estimator=ppo.kl_estimator, entropy=entropy, entropy_coef=ppo.entropy_coef,
+            )
+
+        metrics = self.updater.update(
+            rows=len(batch["input_ids"]), action_mask=batch["action_mask"], epochs=ppo.ppo_epochs,
+            minibatch_size=ppo.minibatch_size, micro_batch_size=trainer.micro_batch_size,
+            seed=trainer.seed * 1_000_003 + step, micro_loss=micro_loss,
+        )
+        metrics["refit_s"] = self.refit()
+        return metrics
+
+    def refit(self) -> float:
+        """Copy the policy's weights into every engine in place; seconds taken."""
+        started = time.perf_counter()
+        for refitter in self.refitters:
+            refitter.refit()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def engine_buffer_addresses(self) -> list[dict[str, int]]:
+        """Each engine's buffer addresses (they never change across refits)."""
+        return [{name: tensor.data_ptr() for name, tensor in engine.buffers().items()} for engine in self.engines]
+
+    def state_dict(self) -> dict:
+        return {"updater": self.updater.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updater.load_state_dict(state["updater"])
+        set_rng_state(state["rng"])
+        self.refit()
+
+    def export(self, path: str, *, merge_lora: bool) -> str:
+        from stema.models.loading import export_hf
+
+        return str(export_hf(self.model, self.tokenizer, Path(path), merge_lora=merge_lora))
+
+
+def _policy_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: PPOConfig, device: torch.device) -> torch.Tensor:
+    from stema.training.logprobs import completion_token_logprobs
+
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = []
+        micro = config.trainer.micro_batch_size
+        inputs = model_inputs(batch)
+        for start in range(0, len(inputs["input_ids"]), micro):
+            chunk = _on(device, {key: value[start : start + micro] for key, value in inputs.items()})
+            with autocast_context(config.trainer, device):
+                logprobs, _ = completion_token_logprobs(model, chunk, temperature=config.rollout.temperature)
+            outputs.append(logprobs.float().cpu())
+        return torch.cat(outputs)
+    finally:
+        model.train(was_training)
+
+
+class ReferenceWorker:
+    """A frozen copy of the starting policy; with `offload` its weights stay in CPU memory and move
+    to the device only for the duration of a call."""
+
+    def __init__(self, *, config: PPOConfig, cache_dir: str, offload: bool):
+        from stema.models.loading import load_policy
+
+        reference_model_cfg = type(config.model)(**{**vars(config.model), "lora": type(config.model.lora)()})
+        self.model, _ = load_policy(reference_model_cfg, cache_dir=cache_dir)
+        self.model.eval().requires_grad_(False)
+        self.config = config
+        self.device = role_device()
+        self.offload = offload
+        if not offload:
+            self.model.to(self.device)
+
+    def ready(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`[B, L]` fp32 log-probs of the response tokens under the reference."""
+        if self.offload:
+            self.model.to(self.device)
+        try:
+            return _policy_logprobs(self.model, batch, self.config, self.device)
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+
+
+class CriticWorker:
+    """The value model: per-token values and the clipped value-loss update."""
+
+    def __init__(self, *, config: PPOConfig, cache_dir: str, path: str, total_steps: int):
+        from stema.models.loading import load_reward_model
+
+        seed_everything(config.trainer.seed + 1)
+        self.config = config
+        self.device = role_device()
+        critic_cfg = type(config.critic)(**{**vars(config.critic), "path": path})
+        self.model, self.tokenizer = load_reward_model(critic_cfg, num_labels=1, cache_dir=cache_dir, seed=config.trainer.seed)
+        self.model.to(self.device)
+        self.updater = _Updater(self.model, config.critic_optim, total_steps=total_steps, max_grad_norm=config.critic_optim.max_grad_norm)
+
+    def ready(self) -> bool:
+        return True
+
+    def _values(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        from stema.models.value_head import token_values
+
+        with autocast_context(self.config.trainer, self.device):
+            return token_values(self.model, inputs["input_ids"], inputs["attention_mask"]).float()
+
+    @torch.no_grad()
+    def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`[B, L]` fp32 values (column t: the state after tokens 0..t, where action t is taken)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            micro = self.config.trainer.micro_batch_size
+            inputs = model_inputs(batch)
+            chunks = []
+            for start in range(0, len(inputs["input_ids"]), micro):
+                chunk = _on(self.device, {key: value[start : start + micro] for key, value in inputs.items()})
+                chunks.append(self._values(chunk).cpu())
+            return torch.cat(chunks)
+        finally:
+            self.model.train(was_training)
+
+    def train(self, batch: dict[str, torch.Tensor], *, old_values: torch.Tensor, returns: torch.Tensor, step: int) -> dict[str, float]:
+        """One PPO step of the critic on the rollout batch. Metrics: vf_loss, vf_clipfrac, grad_norm, lr."""
+        ppo, trainer = self.config.ppo, self.config.trainer
+        device = self.device
+        inputs = _on(device, model_inputs(batch))
+        action_mask = batch["action_mask"].to(device)
+        old_values, returns = old_values.to(device), returns.to(device)
+
+        def micro_loss(rows: torch.Tensor, num_tokens: int):
+            index = rows.to(device)
+            values = self._values({key: value[index] for key, value in inputs.items()})
+            return ppo_value_loss(values, old_values[index], returns[index], action_mask[index],
+                                  value_clip=ppo.value_clip, num_tokens=num_tokens)
+
+        metrics = self.updater.update(
+            rows=len(batch["input_ids"]), action_mask=batch["action_mask"], epochs=ppo.ppo_epochs,
+            minibatch_size=ppo.minibatch_size, micro_batch_size=trainer.micro_batch_size,
+            seed=trainer.seed * 1_000_003 + step + 7, micro_loss=micro_loss,
+        )
+        return {f"critic/{key}": value for key, value in metrics.items()}
+
+    def state_dict(self) -> dict:
+        return {"updater": self.updater.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updater.load_state_dict(state["updater"])
+
+    def export(self, path: str, *, merge_lora: bool) -> str:
+        from stema.models.loading import export_hf
+
+        return str(export_hf(self.model, self.tokenizer, Path(path), merge_lora=merge_lora))
+
+
+class RewardWorker:
+    """Sequence scores from a reward function or a trained reward model (`reward.function` /
+    `reward.model`)."""
+
+    def __init__(self, *, config: PPOConfig, cache_dir: str):
+        from stema.rewards import load_reward_function
+
+        self.function = load_reward_function(config.reward.function) if config.reward.function else None
+        self.scorer = None
+        if config.reward.model:
+            from stema.config import ModelConfig
+            from stema.models.loading import load_reward_model
+            from stema.rewards import RewardModelScorer
+
+            model, _ = load_reward_model(ModelConfig(path=config.reward.model), num_labels=1, cache_dir=cache_dir)
+            model.to(role_device()).eval().requires_grad_(False)
+            self.scorer = RewardModelScorer(model, micro_batch_size=config.reward.micro_batch_size)
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, prompts: Sequence[Any], texts: Sequence[str], prompt_token_ids: Sequence[Sequence[int]],
+              response_token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """`[B]` fp32 scores of the responses (texts for a function, token ids for a model)."""
+        if self.function is not None:
+            from stema.rewards import score_with_function
+
+            return score_with_function(self.function, prompts, texts)
+        return self.scorer.score(prompt_token_ids, response_token_ids)
