@@ -242,6 +242,20 @@ def test_strided_expanded_and_non_bool_masks(device):
         assert_close_scaled(discounted, reference.discounted_returns(rewards, mask, gamma=0.9), REFERENCE_REL_TOL)
 
 
+def test_gae_outputs_are_separate_contiguous_tensors(device):
+    # Both outputs come from one [2, B, T] allocation: each must still be a contiguous [B, T]
+    # tensor of its own, and writing one must leave the other alone.
+    rewards, values, mask = make_batch(4, 33, "gaps", seed=8)
+    advantages, returns = stema_kernels.gae(rewards.to(device), values.to(device), mask.to(device), gamma=0.99, lam=0.95)
+    assert advantages.shape == returns.shape == (4, 33)
+    assert advantages.is_contiguous() and returns.is_contiguous()
+    _, ref_returns = reference.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    advantages.fill_(7.0)
+    assert_close_scaled(returns, ref_returns, REFERENCE_REL_TOL)
+    returns.zero_()
+    assert torch.equal(advantages.cpu(), torch.full((4, 33), 7.0))
+
+
 def test_inputs_that_require_grad_give_outputs_that_do_not(device):
     rewards, values, mask = make_batch(3, 40, "right_padding", seed=6)
     rewards = rewards.to(device).requires_grad_()
