@@ -220,6 +220,7 @@ class PPORewardConfig:
     function: str = option("", "A reward function 'module:function' called as f(prompt, completion_text) -> float; 'builtin' for the built-in task.")
     model: str = option("", "A trained reward model folder (a `stema rm` export with one output).")
     micro_batch_size: int = option(32, "Sequences per reward-model forward pass.")
+    eval_function: str = option("", "Reward function 'module:function' for the held-out evaluation (empty: the training reward).")
 
 
 @dataclass
@@ -323,6 +324,7 @@ class DemoConfig:
     sft_steps: int = option(600, "SFT optimizer steps.")
     rm_steps: int = option(200, "Reward-model optimizer steps.")
     dpo_steps: int = option(600, "DPO optimizer steps.")
+    ppo_steps: int = option(100, "PPO steps (each: generate, score, update, refit).")
     batch_size: int = option(32, "Global batch size of every stage.")
     progress_bar: bool = option(True, "Show progress bars.")
 

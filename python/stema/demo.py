@@ -8,7 +8,11 @@ A recipe on top of the trainers (it wires them; no library code imports it):
 4. `dpo`: DPO (with the chosen answers' NLL added, see DPO_SFT_LOSS_WEIGHT) from the SFT model,
    which is also its reference, on the same preference pairs; exact-match and preference accuracy
    again.
-Later stages (ppo, steerlm, spin, rs) join as their algorithms land.
+5. `ppo`: PPO from the SFT model (not the DPO one), every role local: the actor generates with
+   the rollout engine refitted in place, rewards come from the task's verifiable reward (see
+   PPO_* below), held-out exact-match accuracy is evaluated greedily along the way; KL to the
+   reference (the SFT model) is reported. Curves: `ppo_reward.png`, `ppo_kl.png`,
+   `ppo_accuracy.png`.
 
 Preference accuracy (base, sft, dpo) is the fraction of held-out preference pairs for which the
 policy's summed log-prob of the chosen completion (the right answer) exceeds that of the rejected
@@ -52,7 +56,14 @@ MAX_NEW_TOKENS = 6  # answers are at most 3 digits, then <|end|>
 DPO_BETA = 1.0
 DPO_LR = 1e-3
 DPO_SFT_LOSS_WEIGHT = 1.0
-DEFAULT_STAGES = ("sft", "rm", "dpo")
+# PPO stage (see stage_ppo): group-normalized advantages over 8 samples per prompt with the
+# digit-level partial-credit reward (`builtin.digit_reward`; accuracy is still exact match).
+PPO_LR = 3e-4
+PPO_SAMPLES = 8
+PPO_PROMPTS = 16
+PPO_KL_COEF = 0.01
+PPO_REWARD = "builtin_digits"
+DEFAULT_STAGES = ("sft", "rm", "dpo", "ppo")
 
 
 def _say(message: str) -> None:
@@ -69,6 +80,7 @@ class Demo:
         self.heldout = builtin.heldout_prompts(config.num_heldout, config.seed)
         self.results: dict[str, dict] = {}
         self.policy_path: Path | None = None  # the newest policy (base, then sft, ...)
+        self.sft_path: Path | None = None
 
     def trainer_config(self, stage: str, *, steps: int) -> TrainerConfig:
         return TrainerConfig(
@@ -121,7 +133,7 @@ def stage_sft(demo: Demo) -> dict:
         trainer=demo.trainer_config("sft", steps=demo.config.sft_steps),
     )
     result = sft.run(config)
-    demo.policy_path = Path(config.trainer.output_dir) / "hf"
+    demo.policy_path = demo.sft_path = Path(config.trainer.output_dir) / "hf"
     return {
         "accuracy": demo.accuracy(demo.policy_path),
         "preference_accuracy": demo.preference_accuracy(demo.policy_path),
@@ -164,7 +176,36 @@ def stage_dpo(demo: Demo) -> dict:
     }
 
 
-STAGES: dict[str, Callable[[Demo], dict]] = {"sft": stage_sft, "rm": stage_rm, "dpo": stage_dpo}
+def stage_ppo(demo: Demo) -> dict:
+    from stema.config import PPOAlgorithmConfig, PPOConfig, PPORewardConfig, RolloutConfig
+    from stema.trainers import ppo
+
+    start = demo.sft_path or demo.policy_path
+    config = PPOConfig(
+        model=ModelConfig(path=str(start)),
+        reward=PPORewardConfig(function=PPO_REWARD, eval_function="builtin"),
+        data=demo.data_config(),
+        optim=OptimConfig(lr=PPO_LR, schedule="constant"),
+        trainer=TrainerConfig(
+            output_dir=str(demo.out / "ppo"), max_steps=demo.config.ppo_steps, global_batch_size=PPO_PROMPTS,
+            micro_batch_size=PPO_PROMPTS, eval_every=max(1, demo.config.ppo_steps // 5), seed=demo.config.seed,
+            progress_bar=demo.config.progress_bar,
+        ),
+        rollout=RolloutConfig(samples_per_prompt=PPO_SAMPLES, max_new_tokens=MAX_NEW_TOKENS),
+        ppo=PPOAlgorithmConfig(advantage="grpo", kl_in="loss", kl_estimator="k3", kl_coef=PPO_KL_COEF, whiten_advantages=False),
+    )
+    result = ppo.run(config)
+    demo.policy_path = Path(config.trainer.output_dir) / "hf"
+    return {
+        "accuracy": demo.accuracy(demo.policy_path),
+        "preference_accuracy": demo.preference_accuracy(demo.policy_path),
+        "kl": result.train_metrics["kl"],
+        "train_reward": result.train_metrics["reward"],
+        "start": str(start),
+    }
+
+
+STAGES: dict[str, Callable[[Demo], dict]] = {"sft": stage_sft, "rm": stage_rm, "dpo": stage_dpo, "ppo": stage_ppo}
 
 
 def resolve_stages(text: str) -> list[str]:
@@ -179,13 +220,16 @@ def resolve_stages(text: str) -> list[str]:
     return [name for name in STAGES if name in names]  # always in pipeline order
 
 
-def plot_curves(out: Path, stage: str) -> Path | None:
-    """`<stage>_loss.png`: training loss per step and evaluation loss, from the stage's metrics.jsonl."""
+def plot_curves(out: Path, stage: str) -> list[Path]:
+    """The stage's curves from its metrics.jsonl: `<stage>_loss.png` (training loss per step and
+    evaluation loss); for ppo `ppo_reward.png`, `ppo_kl.png` and `ppo_accuracy.png` instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if stage == "ppo":
+        return plot_ppo_curves(out, plt)
     train = read_metrics(out / stage, "train")
     evaluation = read_metrics(out / stage, "eval")
     figure, axis = plt.subplots(figsize=(6, 3.5))
@@ -200,19 +244,43 @@ def plot_curves(out: Path, stage: str) -> Path | None:
     path = out / f"{stage}_loss.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
-    return path
+    return [path]
+
+
+def plot_ppo_curves(out: Path, plt) -> list[Path]:
+    train = read_metrics(out / "ppo", "train")
+    evaluation = read_metrics(out / "ppo", "eval")
+    curves = [
+        ("reward", "mean training reward (sampled)", [r["step"] for r in train], [r["reward"] for r in train]),
+        ("kl", "KL to the reference (nats per response)", [r["step"] for r in train], [r["kl"] for r in train]),
+        ("accuracy", "held-out exact match (greedy)", [r["step"] for r in evaluation], [r["reward"] for r in evaluation]),
+    ]
+    paths = []
+    for name, label, steps, values in curves:
+        figure, axis = plt.subplots(figsize=(6, 3.5))
+        axis.plot(steps, values, "o-" if name == "accuracy" else "-", linewidth=1)
+        axis.set_xlabel("PPO step")
+        axis.set_ylabel(label)
+        axis.set_title(f"stema demo: ppo {name}")
+        figure.tight_layout()
+        path = out / f"ppo_{name}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+    return paths
 
 
 def format_table(results: dict[str, dict]) -> str:
     lines = [
-        "| stage | held-out exact match | preference accuracy | RM pairwise accuracy | seconds |",
-        "| --- | --- | --- | --- | --- |",
+        "| stage | held-out exact match | preference accuracy | RM pairwise accuracy | KL to reference | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for stage, values in results.items():
         accuracy = f"{values['accuracy']:.1%}" if "accuracy" in values else ""
         preference = f"{values['preference_accuracy']:.1%}" if "preference_accuracy" in values else ""
         pairwise = f"{values['pairwise_accuracy']:.1%}" if "pairwise_accuracy" in values else ""
-        lines.append(f"| {stage} | {accuracy} | {preference} | {pairwise} | {values.get('seconds', 0):.0f} |")
+        kl = f"{values['kl']:.3f}" if "kl" in values else ""
+        lines.append(f"| {stage} | {accuracy} | {preference} | {pairwise} | {kl} | {values.get('seconds', 0):.0f} |")
     return "\n".join(lines)
 
 

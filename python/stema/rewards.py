@@ -24,7 +24,7 @@ import torch
 from stema.config import ConfigError
 
 RewardFunction = Callable[[Any, str], float]
-BUILTIN_REWARDS = {"builtin": "stema.data.builtin:reward"}
+BUILTIN_REWARDS = {"builtin": "stema.data.builtin:reward", "builtin_digits": "stema.data.builtin:digit_reward"}
 
 
 def load_reward_function(spec: str, *, field: str = "reward.function") -> RewardFunction:

@@ -133,6 +133,25 @@ def reward(prompt: str | list[dict[str, str]], completion: str) -> float:
     return 1.0 if extract_answer(completion) == answer(question) else 0.0
 
 
+def digit_reward(prompt: str | list[dict[str, str]], completion: str) -> float:
+    """Exact-match reward with partial credit: 1.0 for the right answer; for another integer, half
+    the fraction of digit positions (aligned from the units) that agree with the answer, over the
+    longer of the two; 0.0 for anything that is not an integer. A denser signal for RL than
+    `reward`; accuracy is still measured with `reward`."""
+    if reward(prompt, completion) == 1.0:
+        return 1.0
+    given = extract_answer(completion)
+    if given is None or given < 0:
+        return 0.0
+    text = prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    match = _QUESTION.search(text)
+    expected = str(answer((int(match.group(1)), match.group(2), int(match.group(3)))))
+    digits = str(given)
+    width = max(len(expected), len(digits))
+    agree = sum(a == b for a, b in zip(reversed(expected), reversed(digits)))
+    return 0.5 * agree / width
+
+
 _BUILDERS = {"sft": sft_records, "preference": preference_records, "prompt": prompt_records}
 
 

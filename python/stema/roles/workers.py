@@ -369,6 +369,7 @@ class RewardWorker:
         from stema.rewards import load_reward_function
 
         self.function = load_reward_function(config.reward.function) if config.reward.function else None
+        self.eval_function = load_reward_function(config.reward.eval_function, field="reward.eval_function") if config.reward.eval_function else None
         self.scorer = None
         if config.reward.model:
             from stema.config import ModelConfig
@@ -383,10 +384,12 @@ class RewardWorker:
         return True
 
     def score(self, prompts: Sequence[Any], texts: Sequence[str], prompt_token_ids: Sequence[Sequence[int]],
-              response_token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """`[B]` fp32 scores of the responses (texts for a function, token ids for a model)."""
-        if self.function is not None:
+              response_token_ids: Sequence[Sequence[int]], *, evaluation: bool = False) -> torch.Tensor:
+        """`[B]` fp32 scores of the responses (texts for a function, token ids for a model); with
+        `evaluation`, by `reward.eval_function` when one is set."""
+        function = self.eval_function if evaluation and self.eval_function is not None else self.function
+        if function is not None:
             from stema.rewards import score_with_function
 
-            return score_with_function(self.function, prompts, texts)
+            return score_with_function(function, prompts, texts)
         return self.scorer.score(prompt_token_ids, response_token_ids)

@@ -246,7 +246,7 @@ class PPOController:
         rollouts = generation.rollouts
         scores = self.roles.reward.submit(
             RewardWorker.score, [p.prompt for p in prompts], generation.texts,
-            [r.prompt_token_ids for r in rollouts], [r.token_ids for r in rollouts]).result()
+            [r.prompt_token_ids for r in rollouts], [r.token_ids for r in rollouts], evaluation=True).result()
         lengths = [len(r.token_ids) for r in rollouts]
         return {"reward": float(scores.mean()), "response_length": sum(lengths) / len(lengths)}
 
