@@ -483,12 +483,13 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     return config
 
 
-def validate(config: Any, prefix: str = "") -> None:
-    """Cross-field checks that types alone cannot express."""
+def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -> None:
+    """Cross-field checks that types alone cannot express. Under PPO (`batch_of_prompts`) the
+    global batch counts prompts and the micro-batch sequences, so one need not divide the other."""
     if isinstance(config, TrainerConfig):
         if config.micro_batch_size < 1 or config.global_batch_size < 1:
             raise ConfigError(f"{prefix}global_batch_size and micro_batch_size must be >= 1")
-        if config.global_batch_size % config.micro_batch_size:
+        if not batch_of_prompts and config.global_batch_size % config.micro_batch_size:
             raise ConfigError(
                 f"{prefix}global_batch_size ({config.global_batch_size}) must be a multiple of "
                 f"micro_batch_size ({config.micro_batch_size})"
@@ -509,7 +510,7 @@ def validate(config: Any, prefix: str = "") -> None:
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value):
-            validate(value, f"{prefix}{item.name}.")
+            validate(value, f"{prefix}{item.name}.", batch_of_prompts=isinstance(config, PPOConfig))
 
 
 def _validate_ppo(config: PPOConfig) -> None:

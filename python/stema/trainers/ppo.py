@@ -161,6 +161,7 @@ class PPOController:
 
     def step(self, step: int) -> dict[str, float]:
         config, roles, ppo = self.config, self.roles, self.config.ppo
+        step_started = time.perf_counter()
         samples = config.rollout.samples_per_prompt
         chosen = [self.prompts[index] for index in self.sampler.next_batch()]
         prompts = [prompt for prompt in chosen for _ in range(samples)]  # [B = prompts x samples]
@@ -213,7 +214,7 @@ class PPOController:
         mismatch = logprob_mismatch(batch["engine_logprobs"], old_logprobs, mask)
         response_lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)
         generated = int(response_lengths.sum())
-        total_s = generation.seconds + inference_s + training_s + metrics.get("refit_s", 0.0)
+        step_s = time.perf_counter() - step_started
         metrics.update({
             "reward": float(raw_scores.mean()),
             "score": float(scores.mean()),
@@ -227,8 +228,10 @@ class PPOController:
             "generation_s": generation.seconds,
             "inference_s": inference_s,
             "training_s": training_s,
-            "prompts_per_s": len(chosen) / total_s,
-            "generated_tokens_per_s": generated / total_s,
+            "step_s": step_s,
+            "generated_tokens": generated,
+            "prompts_per_s": len(chosen) / step_s,
+            "generated_tokens_per_s": generated / step_s,
         })
         if values is not None:
             metrics["values"] = float(values[mask].mean()) if int(mask.sum()) else 0.0
