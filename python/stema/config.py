@@ -324,7 +324,7 @@ class DemoConfig:
     sft_steps: int = option(600, "SFT optimizer steps.")
     rm_steps: int = option(200, "Reward-model optimizer steps.")
     dpo_steps: int = option(600, "DPO optimizer steps.")
-    ppo_steps: int = option(100, "PPO steps (each: generate, score, update, refit).")
+    ppo_steps: int = option(60, "PPO steps (each: generate, score, update, refit).")
     batch_size: int = option(32, "Global batch size of every stage.")
     progress_bar: bool = option(True, "Show progress bars.")
 

@@ -56,13 +56,15 @@ MAX_NEW_TOKENS = 6  # answers are at most 3 digits, then <|end|>
 DPO_BETA = 1.0
 DPO_LR = 1e-3
 DPO_SFT_LOSS_WEIGHT = 1.0
-# PPO stage (see stage_ppo): group-normalized advantages over 8 samples per prompt with the
-# digit-level partial-credit reward (`builtin.digit_reward`; accuracy is still exact match).
-PPO_LR = 3e-4
+# PPO stage (see stage_ppo): group-normalized advantages over 8 samples per prompt, rewarded by
+# the task's exact-match function. On the tiny model this does not yet lift held-out exact match
+# (runs of 60-100 steps with lr 1e-4..5e-4, with GAE + critic, and with the partial-credit
+# `builtin_digits` reward, stayed within a point of the SFT model); see the README's PPO section.
+PPO_LR = 1e-4
 PPO_SAMPLES = 8
 PPO_PROMPTS = 16
 PPO_KL_COEF = 0.01
-PPO_REWARD = "builtin_digits"
+PPO_REWARD = "builtin"
 DEFAULT_STAGES = ("sft", "rm", "dpo", "ppo")
 
 
