@@ -110,16 +110,31 @@ def describe_machine(device: str) -> str:
     return f"{machine}; {build}; Python {platform.python_version()}"
 
 
-def section(device: str, quick: bool, rows: list[dict], command: str) -> str:
+def section(device: str, quick: bool, rows: list[dict], command: str, *, table: str | None = None) -> str:
     today = datetime.date.today().isoformat()
     return (
         f"<!-- results:{device} -->\n"
         f"## {device.upper()} ({today})\n\n"
         f"Machine: {describe_machine(device)}.\n"
         f"Command: `{command}`{' (quick sizes: not the issue sizes)' if quick else ''}.\n\n"
-        f"{format_table(rows)}\n"
+        f"{table or format_table(rows)}\n"
         f"<!-- /results:{device} -->"
     )
+
+
+def merged_table(device: str, rows: list[dict]) -> str:
+    """The table of this device's recorded section with the rows of the benchmarks in `rows`
+    replaced by `rows` (for `--only ... --write`: the other benchmarks' recorded rows stay)."""
+    current = RESULTS_PATH.read_text() if RESULTS_PATH.exists() else ""
+    match = re.search(rf"<!-- results:{device} -->.*?<!-- /results:{device} -->", current, re.S)
+    rerun = {row["benchmark"] for row in rows}
+    new_lines = format_table(rows).splitlines()
+    if match is None:
+        return "\n".join(new_lines)
+    kept = [line for line in match.group(0).splitlines()
+            if line.startswith("| ") and not line.startswith("| benchmark ") and line.split(" | ")[0][2:] not in rerun]
+    body = sorted(kept + new_lines[2:], key=lambda line: line.split(" | ")[0])
+    return "\n".join(new_lines[:2] + body)
 
 
 def write_section(device: str, text: str) -> None:
@@ -149,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect(args.device, args.quick, args.only)
     command = "python benchmarks/run_all.py" + (f" --device {args.device}" if args.device != "cpu" else "")
     command += " --quick" if args.quick else ""
-    text = section(args.device, args.quick, rows, command)
+    if args.only:
+        command += " (this run: --only " + " ".join(args.only) + "; the other rows are from the previous full run)"
+    table = merged_table(args.device, rows) if args.only and args.write else None
+    text = section(args.device, args.quick, rows, command, table=table)
     print(text)
     if args.write:
         write_section(args.device, text)
