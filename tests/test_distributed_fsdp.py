@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from distributed_launch import gloo_available, torchrun_cli
+from distributed_launch import STEPS, argv, assert_same_curve, curve, gloo_available, torchrun_cli
 
 from stema.cli import main
 from stema.models.families import save_family_model
@@ -20,33 +20,10 @@ from stema.training.logging import read_metrics
 
 pytestmark = pytest.mark.skipif(not gloo_available, reason="torch.distributed with gloo is not available")
 
-STEPS = 5
-TOLERANCE = 1e-5
-
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return save_family_model(tmp_path_factory.mktemp("model") / "llama", "llama")
-
-
-def argv(command, out, model, *extra):
-    return [
-        command, f"trainer.output_dir={out}", f"model.path={model}", "data.train=builtin", "data.builtin_size=32",
-        "data.max_length=48", "trainer.global_batch_size=8", "trainer.micro_batch_size=2", f"trainer.max_steps={STEPS}",
-        "trainer.progress_bar=false", "trainer.tensorboard=false", "optim.lr=3e-3", "distributed.timeout_s=60", *extra,
-    ]
-
-
-def curve(out):
-    """(loss, grad_norm) of each train step."""
-    return [(record["loss"], record["grad_norm"]) for record in read_metrics(out, "train")]
-
-
-def assert_same_curve(two, one):
-    assert len(two) == len(one) == STEPS
-    for step, ((loss_2, norm_2), (loss_1, norm_1)) in enumerate(zip(two, one), start=1):
-        assert abs(loss_2 - loss_1) <= TOLERANCE, f"step {step}: loss {loss_2} (2 processes) vs {loss_1} (1 process)"
-        assert abs(norm_2 - norm_1) <= TOLERANCE * max(1.0, norm_1), f"step {step}: grad_norm {norm_2} vs {norm_1}"
 
 
 @pytest.fixture(scope="module")

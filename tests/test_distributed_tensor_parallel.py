@@ -1,12 +1,16 @@
 """Tensor parallel (DTensor plans) for Llama and Qwen2, and the build-on-meta path of the
 `parallelize` seam, in two gloo processes: the 2-rank tensor-parallel forward (logits) and
 backward (every weight's gradient, gathered) equal the single-process ones, and a model built on
-the meta device, sharded and loaded from rank 0's state dict computes the same logits."""
+the meta device, sharded and loaded from rank 0's state dict computes the same logits; `stema sft`
+with distributed.tp_size=2 (tensor parallel inside FSDP2) follows the 1-process loss curve."""
 
 import json
 
 import pytest
-from distributed_launch import finish, gloo_available, start_ranks
+from distributed_launch import argv, assert_same_curve, curve, finish, gloo_available, start_ranks, torchrun_cli
+
+from stema.cli import main
+from stema.models.families import save_family_model
 
 pytestmark = pytest.mark.skipif(not gloo_available, reason="torch.distributed with gloo is not available")
 
@@ -77,3 +81,10 @@ def test_tensor_parallel_llama_and_qwen2_forward_and_backward_equal_one_process(
             assert differences["sharded_weights"] >= 14, family  # 7 projections per layer x 2 layers (+ vocab)
             for name in ("logits", "loss", "grads", "meta_logits"):
                 assert differences[name] < 1e-5, (family, name, differences[name])
+
+
+def test_tensor_parallel_sft_under_torchrun_equals_one_process(tmp_path):
+    qwen2 = save_family_model(tmp_path / "qwen2", "qwen2")
+    assert main(argv("sft", tmp_path / "one", qwen2, "trainer.export_hf=false")) == 0
+    torchrun_cli(2, argv("sft", tmp_path / "tp", qwen2, "trainer.export_hf=false", "distributed.tp_size=2"))
+    assert_same_curve(curve(tmp_path / "tp"), curve(tmp_path / "one"))

@@ -176,3 +176,29 @@ def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
     for a model that is not sharded."""
     if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients of `parameters` so that their global L2 norm is at most `max_norm`;
+    returns the norm before clipping (of the whole model, gathered over the ranks).
+
+    Plain tensors go to `torch.nn.utils.clip_grad_norm_`. Sharded gradients may live on different
+    meshes (tensor-parallel weights on ("dp", "tp"), replicated norms on "dp" only), which one
+    DTensor reduction cannot mix: the norm is taken per mesh, gathered, and combined."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not any(isinstance(grad, DTensor) for grad in grads):
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+    squares = 0.0
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+        squares += float(norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+    total = squares**0.5
+    scale = min(1.0, max_norm / (total + 1e-6))
+    for grad in grads:
+        grad.mul_(scale)
+    return total

@@ -29,7 +29,7 @@ import torch
 from stema.config import OptimConfig, TrainerConfig
 from stema.distributed import World
 from stema.distributed.checkpoint import load_model_optimizer, save_model_optimizer
-from stema.distributed.parallelize import set_gradient_sync
+from stema.distributed.parallelize import clip_grad_norm_, set_gradient_sync
 
 from . import checkpoint
 from .logging import MetricsLogger, progress_bar
@@ -199,11 +199,7 @@ def train(
                     totals[key] = totals.get(key, 0.0) + float(value)
             totals = world.sum_over_data_parallel({**totals, "tokens": tokens})
             if optim_cfg.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], optim_cfg.max_grad_norm
-                )
-                # Sharded gradients give a DTensor norm: the whole model's, once gathered.
-                totals["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                totals["grad_norm"] = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg.max_grad_norm)
             totals["lr"] = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
