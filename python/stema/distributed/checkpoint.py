@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .parallelize import _restore_non_persistent_buffers, is_sharded
+from .parallelize import is_sharded, restore_non_persistent_buffers
 
 
 def _initialized() -> bool:
@@ -100,6 +100,6 @@ def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
     missing = [name for name in result.missing_keys if any(t.is_meta for n, t in copy.named_parameters() if n == name)]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"the gathered state does not fit {type(copy).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-    _restore_non_persistent_buffers(copy, torch.device("cpu"))
+    restore_non_persistent_buffers(copy, torch.device("cpu"))
     copy.generation_config = model.generation_config
     return copy.eval()

@@ -99,7 +99,7 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: Any) -> None:
         hf_model.get_output_embeddings().weight = hf_model.get_input_embeddings().weight
 
 
-def _restore_non_persistent_buffers(model: torch.nn.Module, device: torch.device) -> None:
+def restore_non_persistent_buffers(model: torch.nn.Module, device: torch.device) -> None:
     """After `to_empty`, buffers outside the state dict (rotary `inv_freq`) hold garbage: rebuild
     each module that has such a buffer from its `config` (Hugging Face rotary embeddings do) and
     copy the fresh buffers in."""
@@ -159,7 +159,7 @@ def parallelize(
         on_gpu = mesh.device_type == "cuda" and not cpu_offload
         device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         model.to_empty(device=device)
-        _restore_non_persistent_buffers(model, device)
+        restore_non_persistent_buffers(model, device)
     if full_state_dict is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
