@@ -238,6 +238,22 @@ class RolesConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data parallel (FSDP2) and tensor parallel under `torchrun`; a single process ignores it."""
+
+    strategy: Literal["fsdp", "none"] = option(
+        "fsdp", "'fsdp': shard weights, gradients and optimizer state over the data-parallel ranks (FSDP2) when "
+        "launched with torchrun --nproc_per_node N > 1; 'none': a plain model (one process only)."
+    )
+    mixed_precision: Literal["none", "bf16"] = option(
+        "none", "FSDP2 mixed precision: 'bf16' computes in bf16 copies of the fp32 weights and reduces gradients in fp32."
+    )
+    cpu_offload: bool = option(False, "Keep the sharded weights, gradients and optimizer state in CPU memory (FSDP2 CPU offload).")
+    tp_size: int = option(1, "Tensor-parallel ranks per model replica (Llama, Qwen2); data-parallel ranks = world size / tp_size.")
+    timeout_s: float = option(600.0, "Seconds a collective may wait for the other ranks before the run stops with an error naming the rank.")
+
+
+@dataclass
 class SFTConfig:
     """`stema sft`: supervised fine-tuning."""
 
@@ -245,6 +261,7 @@ class SFTConfig:
     data: DataConfig = section(DataConfig, "Data.")
     optim: OptimConfig = section(OptimConfig, "Optimizer.")
     trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
+    distributed: DistributedConfig = section(DistributedConfig, "Multi-process data and tensor parallelism.")
 
 
 @dataclass
@@ -255,6 +272,7 @@ class RMConfig:
     data: DataConfig = section(DataConfig, "Preference (or attribute) data.")
     optim: OptimConfig = section(OptimConfig, "Optimizer.")
     trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
+    distributed: DistributedConfig = section(DistributedConfig, "Multi-process data and tensor parallelism.")
     reward: RewardConfig = section(RewardConfig, "Reward head and loss.")
 
 
@@ -266,6 +284,7 @@ class DPOConfig:
     data: DataConfig = section(DataConfig, "Preference pairs (TRL's or NeMo-Aligner's formats).")
     optim: OptimConfig = section(OptimConfig, "Optimizer.")
     trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
+    distributed: DistributedConfig = section(DistributedConfig, "Multi-process data and tensor parallelism.")
     preference: PreferenceConfig = section(PreferenceConfig, "Preference loss and reference log-probs.")
 
 
@@ -288,6 +307,9 @@ class PPOConfig:
     rollout: RolloutConfig = section(RolloutConfig, "Generation.")
     ppo: PPOAlgorithmConfig = section(PPOAlgorithmConfig, "The PPO update.")
     roles: RolesConfig = section(RolesConfig, "Role placement.")
+    distributed: DistributedConfig = section(
+        DistributedConfig, "Process group settings (stema ppo runs as one controller process; roles scale out through roles.backend)."
+    )
 
 
 @dataclass
@@ -309,6 +331,7 @@ class KTOConfig:
     data: DataConfig = section(DataConfig, "Unpaired data: prompt, completion, label (true: desirable).")
     optim: OptimConfig = section(OptimConfig, "Optimizer.")
     trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
+    distributed: DistributedConfig = section(DistributedConfig, "Multi-process data and tensor parallelism.")
     kto: KTOLossConfig = section(KTOLossConfig, "KTO loss.")
 
 
@@ -505,6 +528,8 @@ def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -
             raise ConfigError(f"{prefix}precompute_ref_logprobs: loss 'simpo' uses no reference model")
     if isinstance(config, PPOConfig):
         _validate_ppo(config)
+    if isinstance(config, DistributedConfig) and (config.tp_size < 1 or config.timeout_s <= 0):
+        raise ConfigError(f"{prefix}tp_size must be >= 1 and timeout_s > 0 (got {config.tp_size}, {config.timeout_s})")
     if isinstance(config, KTOLossConfig) and config.beta <= 0:
         raise ConfigError(f"{prefix}beta must be > 0, got {config.beta}")
     for item in dataclasses.fields(config):

@@ -26,7 +26,7 @@ import torch
 from stema.config import OptimConfig, PPOConfig
 from stema.losses.ppo import ppo_policy_loss, ppo_value_loss
 from stema.training.checkpoint import rng_state, set_rng_state
-from stema.training.loop import autocast_context, load_trainable_state, trainable_state
+from stema.training.loop import autocast_context
 from stema.training.optim import build_optimizer, build_scheduler
 from stema.training.setup import seed_everything
 
@@ -104,6 +104,25 @@ class _Updater:
         load_trainable_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained (all, or only adapters and heads with LoRA), as CPU copies:
+    a role's checkpoint travels to the controller, possibly from another process."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    if set(state) != expected:
+        raise ValueError(
+            f"the checkpoint does not match the role's trainable parameters (missing {sorted(expected - set(state))[:5]}, "
+            f"unexpected {sorted(set(state) - expected)[:5]}): resume needs the same model and LoRA settings"
+        )
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            parameters[name].copy_(value)
 
 
 def _on(device: torch.device, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

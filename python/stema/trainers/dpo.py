@@ -39,7 +39,7 @@ from stema.models.loading import load_policy
 from stema.training import TrainResult
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.loop import autocast_context, evaluate_sums, to_device
-from stema.training.setup import fit, load_splits, start_run
+from stema.training.setup import fit, load_splits, place_model, start_run
 
 
 @dataclass(frozen=True)
@@ -146,11 +146,13 @@ class DPOAlgorithm:
 def run(config: DPOConfig) -> TrainResult:
     run_info = start_run(config, command="dpo")
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
-    model.to(run_info.device)
-    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_preference_data)
-
     preference = config.preference
     reference = ReferenceModel.of(model) if uses_reference(preference.loss) else None
+    if reference is not None and not reference.adapters_disabled:
+        reference.model = place_model(run_info, config, reference.model)
+    model = place_model(run_info, config, model)
+    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_preference_data)
+
     if reference is not None and preference.precompute_ref_logprobs:
         precompute = dict(
             pad_id=tokenizer.pad_token_id,

@@ -35,7 +35,7 @@ from stema.models.loading import load_policy
 from stema.training import TrainResult
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.loop import autocast_context, evaluate_sums, to_device
-from stema.training.setup import fit, load_splits, start_run
+from stema.training.setup import fit, load_splits, place_model, start_run
 
 
 def _prompt_length(example: TokenizedUnpaired) -> int:
@@ -133,11 +133,14 @@ class KTOAlgorithm:
 def run(config: KTOConfig) -> TrainResult:
     run_info = start_run(config, command="kto")
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
-    model.to(run_info.device)
+    reference = ReferenceModel.of(model)
+    if not reference.adapters_disabled:
+        reference.model = place_model(run_info, config, reference.model)
+    model = place_model(run_info, config, model)
     train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_unpaired_data)
     algorithm = KTOAlgorithm(
         policy=model,
-        reference=ReferenceModel.of(model),
+        reference=reference,
         pad_id=tokenizer.pad_token_id,
         kto=config.kto,
         micro_batch_size=config.trainer.micro_batch_size,

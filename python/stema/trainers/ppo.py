@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stema.config import PPOConfig
+from stema.config import ConfigError, PPOConfig
 from stema.data import load_prompts
 from stema.losses.advantages import AdvantageInputs, estimate_advantages, needs_critic, whiten
 from stema.losses.ppo import kl_controller
@@ -336,6 +336,11 @@ class PPOController:
 
 def run(config: PPOConfig, *, command: str = "ppo") -> PPOResult:
     run_info = start_run(config, command=command)
+    if run_info.world.distributed:
+        raise ConfigError(
+            f"stema {command} runs as one controller process, not under torchrun with {run_info.world.world_size} processes: "
+            "its roles scale out as Ray actors (roles.backend: ray)"
+        )
     total_steps = config.trainer.max_steps
     from stema.models.loading import load_tokenizer
 

@@ -23,7 +23,7 @@ from stema.losses.reward import IGNORE_LABEL
 from stema.models.loading import load_reward_model
 from stema.training import TrainResult
 from stema.training.loop import evaluate_sums
-from stema.training.setup import fit, load_splits, start_run
+from stema.training.setup import fit, load_splits, place_model, start_run
 
 
 def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -97,7 +97,7 @@ def run(config: RMConfig) -> TrainResult:
     model, tokenizer = load_reward_model(
         config.model, num_labels=config.reward.num_attributes, cache_dir=run_info.cache_dir, seed=config.trainer.seed
     )
-    model.to(run_info.device)
+    model = place_model(run_info, config, model)
     if config.reward.loss == "bradley_terry":
         if config.reward.num_attributes != 1:
             raise ValueError("reward.loss=bradley_terry trains a scalar reward: set reward.num_attributes=1")

@@ -27,7 +27,7 @@ from stema.losses import get_loss
 from stema.models.loading import load_policy
 from stema.training import TrainResult
 from stema.training.loop import evaluate_sums
-from stema.training.setup import fit, load_splits, start_run
+from stema.training.setup import fit, load_splits, place_model, start_run
 
 IGNORE_INDEX = -100
 
@@ -94,7 +94,7 @@ class SFTAlgorithm:
 def run(config: SFTConfig) -> TrainResult:
     run_info = start_run(config, command="sft")
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
-    model.to(run_info.device)
+    model = place_model(run_info, config, model)
     train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_sft_data)
     algorithm = SFTAlgorithm(
         pad_id=tokenizer.pad_token_id,

@@ -1,5 +1,7 @@
 """Atomic checkpoints: written to a temporary folder beside the target, then renamed into place,
-so a crash never leaves a half-written checkpoint that resume would pick up."""
+so a crash never leaves a half-written checkpoint that resume would pick up. The weights and
+optimizer go into a `torch.distributed.checkpoint` folder that every rank writes its shards to;
+the rest (rank 0's) into one file."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.pt"  # rank 0's: lr schedule, sampler position, RNGs
+SHARDED_DIR = "model_optimizer"  # torch.distributed.checkpoint folder: trainable weights, optimizer
 
 
 def rng_state() -> dict:
@@ -54,22 +58,46 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(root: Path, step: int, state: dict, *, keep: int) -> Path:
-    """Write `state` (a dict of state_dicts and plain values) as checkpoint `step`, atomically;
-    then delete all but the newest `keep` checkpoints."""
+def save_checkpoint(
+    root: Path,
+    step: int,
+    state: dict,
+    *,
+    keep: int,
+    write_sharded: Callable[[Path], None] | None = None,
+    world: Any = None,
+) -> Path:
+    """Write `state` (a dict of state_dicts and plain values, rank 0's) as checkpoint `step`,
+    atomically; then delete all but the newest `keep` checkpoints.
+
+    `write_sharded(folder)` runs on every rank of `world` (a `stema.distributed.World`; None: one
+    process) and writes the sharded weights and optimizer into `folder` inside the staging folder;
+    the ranks must share the file system. Only rank 0 writes `state`, renames and prunes.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    is_main = world is None or world.is_main
     target = checkpoint_dir(root, step)
-    staging = root / f".tmp-{target.name}-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    torch.save(state, staging / STATE_FILE)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
-    for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+    staging = root / f".tmp-{target.name}"  # the same name on every rank
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    if world is not None:
+        world.barrier()
+    if write_sharded is not None:
+        write_sharded(staging / SHARDED_DIR)
+    if world is not None:
+        world.barrier()
+    if is_main:
+        torch.save(state, staging / STATE_FILE)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    if world is not None:
+        world.barrier()
     return target
 
 

@@ -14,13 +14,15 @@ The LM head is applied only at the positions that carry a label: the backbone's 
 fused kernel `stema_kernels.token_logprobs` turns into log-probs. Prompt and padding positions
 never get `[V]` logits, which in preference data (long prompts, short completions, large
 vocabularies) saves most of the LM head's time and memory. Models whose logits are more than the
-plain LM-head projection (final soft-capping or logit scales) take the full forward instead.
+plain LM-head projection (final soft-capping or logit scales), and models sharded by FSDP2, take
+the full forward instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,9 @@ def lm_head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
     None when the model transforms its logits further (then only its own forward is right). With
     LoRA, both parts are the peft-injected modules, so adapters (and disabling them) apply."""
     hf_model = unwrap_lora(model)
+    if _is_fsdp_module(hf_model):
+        # FSDP2 gathers the root's weights (embedding, LM head) only in the root's own forward.
+        return None
     text_config = hf_model.config.get_text_config()
     if any(getattr(text_config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return None
@@ -52,6 +57,12 @@ def lm_head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
     if head is None or backbone is None or backbone is hf_model:
         return None
     return backbone, head
+
+
+def _is_fsdp_module(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards `model` (checked without importing FSDP when nothing has)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def completion_token_logprobs(

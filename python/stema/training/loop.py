@@ -1,15 +1,19 @@
 """The shared training loop.
 
 Each optimizer step:
-1. take the next global batch of examples from the seeded sampler;
+1. take the next global batch of examples from the seeded sampler (the same on every rank);
 2. ask the algorithm for the batch's global denominators (valid tokens, pairs, ...);
-3. split the batch into micro-batches; for each, collate, compute `(loss, metrics)` with those
-   denominators, and backpropagate; losses and metrics add up to exactly the full-batch values;
+3. take this data-parallel rank's contiguous slice of the batch and split it into micro-batches;
+   for each, collate, compute `(loss, metrics)` with the global denominators, and backpropagate;
+   the gradients are summed over ranks (`stema.distributed.parallelize`), so losses, metrics and
+   gradients add up to exactly the full-batch values at any world size;
 4. clip the gradient norm, step AdamW and the lr schedule;
-5. log (JSONL, TensorBoard, progress bar), evaluate and checkpoint on their schedules.
+5. sum the metrics over ranks; rank 0 logs (JSONL, TensorBoard, progress bar); evaluate and
+   checkpoint on their schedules.
 
-A checkpoint holds the trainable weights, optimizer, lr schedule, every RNG and the sampler's
-position, so `resume=true` continues the same loss curve exactly.
+A checkpoint holds the trainable weights and optimizer (sharded, `torch.distributed.checkpoint`),
+the lr schedule, rank 0's RNGs and the sampler's position, so `resume=true` continues the same
+loss curve exactly, also at another world size.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from stema.config import OptimConfig, TrainerConfig
+from stema.distributed import World
+from stema.distributed.checkpoint import load_model_optimizer, save_model_optimizer
+from stema.distributed.parallelize import clip_grad_norm_, set_gradient_sync
 
 from . import checkpoint
 from .logging import MetricsLogger, progress_bar
@@ -73,25 +80,6 @@ def autocast_context(trainer_cfg: TrainerConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters being trained: all of them, or only the adapters (and heads) with LoRA."""
-    return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    expected = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(
-            f"the checkpoint does not match the model's trainable parameters (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}): resume needs the same model and LoRA settings"
-        )
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            parameters[name].copy_(value)
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
@@ -133,8 +121,11 @@ def train(
     trainer_cfg: TrainerConfig,
     optim_cfg: OptimConfig,
     shuffle: bool = True,
+    world: World | None = None,
 ) -> TrainResult:
-    """Run the loop described in the module docstring; returns the last step's metrics."""
+    """Run the loop described in the module docstring on this rank of `world` (default: one
+    process); returns the last step's metrics (summed over ranks, the same on every rank)."""
+    world = world or World(role=algorithm.name)
     output_dir = Path(trainer_cfg.output_dir)
     checkpoint_root = output_dir / "checkpoints"
     device = next(model.parameters()).device
@@ -144,6 +135,12 @@ def train(
             f"nothing to train: {len(train_examples)} examples give no full global batch of "
             f"{trainer_cfg.global_batch_size} (set trainer.max_steps or add data)"
         )
+    if trainer_cfg.global_batch_size % (trainer_cfg.micro_batch_size * world.dp_size):
+        raise ValueError(
+            f"trainer.global_batch_size ({trainer_cfg.global_batch_size}) must be a multiple of trainer.micro_batch_size "
+            f"({trainer_cfg.micro_batch_size}) x data-parallel ranks ({world.dp_size})"
+        )
+    per_rank = trainer_cfg.global_batch_size // world.dp_size
 
     torch.manual_seed(trainer_cfg.seed)
     sampler = EpochSampler(len(train_examples), batch_size=trainer_cfg.global_batch_size, seed=trainer_cfg.seed, shuffle=shuffle)
@@ -156,8 +153,7 @@ def train(
         found = checkpoint.load_latest_checkpoint(checkpoint_root)
         if found is not None:
             step, state = found
-            load_trainable_state(model, state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            load_model_optimizer(checkpoint.checkpoint_dir(checkpoint_root, step) / checkpoint.SHARDED_DIR, model, optimizer)
             scheduler.load_state_dict(state["scheduler"])
             sampler.load_state_dict(state["sampler"])
             checkpoint.set_rng_state(state["rng"])
@@ -168,18 +164,19 @@ def train(
             checkpoint_root,
             at_step,
             {
-                "model": trainable_state(model),
-                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "sampler": sampler.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "algorithm": algorithm.name,
+                "world_size": world.world_size,
             },
             keep=trainer_cfg.keep_checkpoints,
+            write_sharded=lambda folder: save_model_optimizer(folder, model, optimizer),
+            world=world,
         )
 
-    logger = MetricsLogger(output_dir, tensorboard=trainer_cfg.tensorboard)
-    bar = progress_bar(steps, step, enabled=trainer_cfg.progress_bar, description=algorithm.name)
+    logger = MetricsLogger(output_dir, tensorboard=trainer_cfg.tensorboard) if world.is_main else None
+    bar = progress_bar(steps, step, enabled=trainer_cfg.progress_bar and world.is_main, description=algorithm.name)
     micro_size = trainer_cfg.micro_batch_size
     model.train()
     try:
@@ -187,10 +184,12 @@ def train(
             started = time.perf_counter()
             examples = [train_examples[index] for index in sampler.next_batch()]
             denominators = algorithm.denominators(examples)
+            mine = examples[world.dp_rank * per_rank : (world.dp_rank + 1) * per_rank]
             totals: dict[str, float] = {}
             tokens = 0
-            for start in range(0, len(examples), micro_size):
-                batch = to_device(algorithm.collate(examples[start : start + micro_size]), device)
+            for start in range(0, len(mine), micro_size):
+                set_gradient_sync(model, start + micro_size >= len(mine))
+                batch = to_device(algorithm.collate(mine[start : start + micro_size]), device)
                 with autocast_context(trainer_cfg, device):
                     loss, metrics = algorithm.loss(model, batch, denominators)
                 loss.backward()
@@ -198,35 +197,38 @@ def train(
                 totals["loss"] = totals.get("loss", 0.0) + loss.item()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
+            totals = world.sum_over_data_parallel({**totals, "tokens": tokens})
             if optim_cfg.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], optim_cfg.max_grad_norm
-                )
-                totals["grad_norm"] = float(grad_norm)
+                totals["grad_norm"] = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg.max_grad_norm)
             totals["lr"] = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            world.mark(step)
 
             elapsed = time.perf_counter() - started
-            totals.update(tokens=tokens, tokens_per_s=tokens / max(elapsed, 1e-9), epoch=sampler.epoch)
+            totals.update(tokens_per_s=totals["tokens"] / max(elapsed, 1e-9), epoch=sampler.epoch)
             result.train_metrics = totals
-            if step % max(1, trainer_cfg.log_every) == 0 or step == steps:
+            if logger is not None and (step % max(1, trainer_cfg.log_every) == 0 or step == steps):
                 logger.log("train", step, totals)
             bar.update(1)
             bar.set_postfix(loss=f"{totals['loss']:.4f}", tok_s=f"{totals['tokens_per_s']:.0f}")
 
             if eval_examples and trainer_cfg.eval_every > 0 and step % trainer_cfg.eval_every == 0 and step < steps:
-                logger.log("eval", step, run_evaluation(model, algorithm, eval_examples))
+                evaluation = run_evaluation(model, algorithm, eval_examples)
+                if logger is not None:
+                    logger.log("eval", step, evaluation)
             if trainer_cfg.save_every > 0 and step % trainer_cfg.save_every == 0 and step < steps:
                 save(step)
         if eval_examples:
             result.eval_metrics = run_evaluation(model, algorithm, eval_examples)
-            logger.log("eval", step, result.eval_metrics)
+            if logger is not None:
+                logger.log("eval", step, result.eval_metrics)
         save(step)
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     result.step = step
     return result

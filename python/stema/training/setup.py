@@ -1,5 +1,6 @@
-"""Set-up and wrap-up that every trainer shares: output folder, saved config, device, seeds,
-data reports and the final Hugging Face export."""
+"""Set-up and wrap-up that every trainer shares: output folder, saved config, device, seeds, the
+process group under torchrun, model placement (FSDP2 / tensor parallel), data reports and the
+final Hugging Face export."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from stema.config import to_yaml
+from stema.config import ConfigError, to_yaml
+from stema.distributed import World, close_world, init_world
 
 
 @dataclass
@@ -20,6 +22,7 @@ class Run:
     command: str
     output_dir: Path
     device: torch.device
+    world: World
 
     @property
     def cache_dir(self) -> Path:
@@ -31,6 +34,8 @@ class Run:
         return self.output_dir / "hf"
 
     def say(self, message: str) -> None:
+        if not self.world.is_main:
+            return
         print(f"[stema {self.command}] {message}", file=sys.stderr, flush=True)
 
 
@@ -41,15 +46,36 @@ def seed_everything(seed: int) -> None:
 
 
 def start_run(config: Any, *, command: str) -> Run:
-    """Create the output folder, save the resolved config beside the results, seed, pick the device."""
+    """Join the process group when launched by torchrun, create the output folder, save the
+    resolved config beside the results (rank 0), seed, pick the device."""
+    world = init_world(config.distributed, role=command)
     output_dir = Path(config.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(to_yaml(config))
+    if world.is_main:
+        (output_dir / "config.yaml").write_text(to_yaml(config))
     seed_everything(config.trainer.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = Run(command=command, output_dir=output_dir, device=device)
-    run.say(f"output in {output_dir}, device {device}")
+    run = Run(command=command, output_dir=output_dir, device=world.device, world=world)
+    where = f", {world.world_size} processes ({world.dp_size} data x {world.tp_size} tensor parallel)" if world.distributed else ""
+    run.say(f"output in {output_dir}, device {world.device}{where}")
     return run
+
+
+def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` on the run's device; under torchrun with several processes, sharded by
+    `stema.distributed.parallelize` as `config.distributed` asks (call it on every model the
+    ranks share: the policy, a frozen reference)."""
+    if not run.world.distributed:
+        return model.to(run.device)
+    from stema.distributed.parallelize import parallelize
+    from stema.models.loading import is_lora_model
+
+    if is_lora_model(model):
+        raise ConfigError("model.lora: LoRA is not supported with several processes yet; run it in one process")
+    cfg = config.distributed
+    return parallelize(
+        model.to("cpu" if cfg.cpu_offload else run.device), mesh=run.world.mesh,
+        mixed_precision=cfg.mixed_precision, cpu_offload=cfg.cpu_offload,
+    )
 
 
 def report_data(run: Run, split: str, examples: list, report: Any) -> None:
@@ -76,25 +102,37 @@ def export_model(run: Run, config: Any, model: Any, tokenizer: Any) -> Path | No
         return None
     from stema.models.loading import export_hf
 
-    path = export_hf(model, tokenizer, run.export_dir, merge_lora=config.model.lora.merge_on_export)
-    run.say(f"exported the model to {path}")
+    if run.world.distributed:
+        from stema.distributed.checkpoint import unsharded_copy
+
+        model = unsharded_copy(model)  # the whole model on rank 0, None elsewhere
+    path = None
+    if run.world.is_main:
+        path = export_hf(model, tokenizer, run.export_dir, merge_lora=config.model.lora.merge_on_export)
+        run.say(f"exported the model to {path}")
+    run.world.barrier()
     return path
 
 
 def fit(run: Run, config: Any, *, model: Any, tokenizer: Any, algorithm: Any, train_examples: list, eval_examples: list | None):
-    """Train with the shared loop under `config.trainer`/`config.optim`, export, and say how it ended."""
+    """Train with the shared loop under `config.trainer`/`config.optim`, export, and say how it
+    ended; then leave the process group. A failed or timed-out collective stops the run with an
+    error naming the role and rank (`stema.distributed.CollectiveError`)."""
     from .loop import train
 
-    result = train(
-        model=model,
-        algorithm=algorithm,
-        train_examples=train_examples,
-        eval_examples=eval_examples,
-        trainer_cfg=config.trainer,
-        optim_cfg=config.optim,
-        shuffle=config.data.shuffle,
-    )
-    export_model(run, config, model, tokenizer)
+    with run.world.failures_named():
+        result = train(
+            model=model,
+            algorithm=algorithm,
+            train_examples=train_examples,
+            eval_examples=eval_examples,
+            trainer_cfg=config.trainer,
+            optim_cfg=config.optim,
+            shuffle=config.data.shuffle,
+            world=run.world,
+        )
+        export_model(run, config, model, tokenizer)
+    close_world(run.world)
     summary = f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}"
     run.say(summary + (f"; eval {result.eval_metrics}" if result.eval_metrics else ""))
     return result

@@ -1,0 +1,105 @@
+"""Sharded checkpoints with `torch.distributed.checkpoint` (DCP) and the Hugging Face export of a
+sharded model.
+
+    save_model_optimizer(folder, model, optimizer)   # every rank writes its shards (collective)
+    load_model_optimizer(folder, model, optimizer)   # any world size: DCP reshards on load
+    plain = unsharded_copy(model)                    # rank 0: a plain HF model, else None
+
+The same calls serve a single unsharded process (world size 1), so a checkpoint taken at N
+processes resumes at M, 1 included. Only the trainable weights are saved (the adapters with LoRA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .parallelize import is_sharded, restore_non_persistent_buffers
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silence DCP's warning that one process without a process group saves or loads alone
+    (world size 1 is an intended case, not a mistake)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **kwargs)
+
+
+def save_model_optimizer(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write the trainable weights and the optimizer state under `folder` (called on every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options())
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder), no_dist=not _initialized())
+
+
+def load_model_optimizer(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read what `save_model_optimizer` wrote, at this run's world size and sharding (every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options())
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not _initialized())
+    except Exception as error:
+        raise ValueError(
+            f"{folder}: the checkpoint does not match the model's trainable parameters or optimizer "
+            f"({str(error).splitlines()[0][:300]}): resume needs the same model and LoRA settings"
+        ) from error
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=_options(strict=False)
+    )
+
+
+def _unsharded_class(model: torch.nn.Module) -> type:
+    """The model's own class: FSDP2 makes `FSDP<Class>` with the FSDPModule mixin first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if issubclass(cls, FSDPModule):
+        return next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls
+
+
+def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A plain copy of a sharded Hugging Face model on rank 0's CPU (None on the other ranks),
+    from its full state dict gathered tensor by tensor; a collective, call it on every rank."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(model):
+        raise ValueError("unsharded_copy expects a model sharded by parallelize")
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        copy = _unsharded_class(model)(model.config)
+    result = copy.load_state_dict(full, strict=False, assign=True)
+    copy.tie_weights()
+    missing = [name for name in result.missing_keys if any(t.is_meta for n, t in copy.named_parameters() if n == name)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"the gathered state does not fit {type(copy).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    restore_non_persistent_buffers(copy, torch.device("cpu"))
+    copy.generation_config = model.generation_config
+    return copy.eval()

@@ -1,0 +1,75 @@
+"""FSDP2 data parallel: `torchrun --nproc_per_node 2` (gloo, CPU) runs of `stema sft`, `stema rm`
+and `stema dpo` equal the 1-process run with the same global batch, step by step; a checkpoint
+taken at 2 processes resumes at 1 onto the same curve; the Hugging Face export gathered from the
+shards equals the 1-process export.
+
+The loss alone cannot tell summed from averaged gradients (AdamW is scale-invariant), so the
+pre-clipping gradient norm is compared too."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from distributed_launch import STEPS, argv, assert_same_curve, curve, gloo_available, torchrun_cli
+
+from stema.cli import main
+from stema.models.families import save_family_model
+from stema.training.checkpoint import list_checkpoints
+from stema.training.logging import read_metrics
+
+pytestmark = pytest.mark.skipif(not gloo_available, reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_family_model(tmp_path_factory.mktemp("model") / "llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def sft_runs(llama, tmp_path_factory):
+    """The same SFT run in 1 process and in 2 (checkpoint at step 3, HF export)."""
+    root = tmp_path_factory.mktemp("sft")
+    assert main(argv("sft", root / "one", llama, "trainer.save_every=3")) == 0
+    torchrun_cli(2, argv("sft", root / "two", llama, "trainer.save_every=3"))
+    return root / "one", root / "two"
+
+
+def test_fsdp_sft_two_processes_equal_one(sft_runs):
+    one, two = sft_runs
+    assert_same_curve(curve(two), curve(one))
+
+
+def test_fsdp_checkpoint_from_two_processes_resumes_in_one_onto_the_same_curve(sft_runs, llama, tmp_path):
+    one, two = sft_runs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two / "checkpoints", resumed / "checkpoints")
+    for step, folder in list_checkpoints(resumed / "checkpoints"):
+        if step > 3:
+            shutil.rmtree(folder)
+    state = torch.load(resumed / "checkpoints" / "step-00000003" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2
+    records = [r for r in read_metrics(two) if r["step"] <= 3]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(argv("sft", resumed, llama, "trainer.save_every=3", "trainer.resume=true")) == 0
+    assert_same_curve(curve(resumed), curve(one))
+
+
+def test_fsdp_hf_export_gathered_from_shards_equals_the_one_process_export(sft_runs):
+    from transformers import AutoModelForCausalLM
+
+    one, two = sft_runs
+    single = AutoModelForCausalLM.from_pretrained(one / "hf").state_dict()
+    gathered_model = AutoModelForCausalLM.from_pretrained(two / "hf")
+    assert gathered_model.config.architectures == ["LlamaForCausalLM"]
+    gathered = gathered_model.state_dict()
+    assert gathered.keys() == single.keys()
+    worst = max((gathered[name] - single[name]).abs().max().item() for name in single)
+    assert worst < 1e-5
+
+
+@pytest.mark.parametrize("command, extra", [("rm", ()), ("dpo", ("preference.beta=0.5",))], ids=["rm", "dpo"])
+def test_fsdp_reward_model_and_dpo_two_processes_equal_one(llama, tmp_path, command, extra):
+    assert main(argv(command, tmp_path / "one", llama, "trainer.export_hf=false", *extra)) == 0
+    torchrun_cli(2, argv(command, tmp_path / "two", llama, "trainer.export_hf=false", *extra))
+    assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
