@@ -32,10 +32,10 @@ import argparse
 import copy
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import trl_step_timer
 
 BENCHMARK = "dpo"
 GOAL = 1.3
@@ -117,7 +117,6 @@ def stema_step_seconds(model, pairs: list[dict], size: dict, output_dir: Path) -
 def trl_step_seconds(model, pairs: list[dict], size: dict, output_dir: Path) -> list[float]:
     """Seconds between consecutive optimizer-step ends of TRL's `DPOTrainer.train()`."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from stema.models.tiny import build_tokenizer
@@ -128,14 +127,7 @@ def trl_step_seconds(model, pairs: list[dict], size: dict, output_dir: Path) -> 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
-    step_ends: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
+    timer = trl_step_timer()
 
     args = DPOConfig(
         output_dir=str(output_dir), per_device_train_batch_size=size["pairs"], max_steps=size["steps"], learning_rate=LR,
@@ -146,10 +138,10 @@ def trl_step_seconds(model, pairs: list[dict], size: dict, output_dir: Path) -> 
     tokenizer = build_tokenizer()  # only its pad token (id 0) is used: the data is already token ids
     trainer = PretokenizedDPOTrainer(
         model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(pairs),
-        processing_class=tokenizer, callbacks=[StepTimes()],
+        processing_class=tokenizer, callbacks=[timer],
     )
     trainer.train()
-    return [later - earlier for earlier, later in zip(step_ends, step_ends[1:])]
+    return timer.step_seconds()
 
 
 def measure(*, device: str = "cpu", quick: bool = False) -> list[dict]:

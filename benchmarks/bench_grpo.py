@@ -25,8 +25,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from common import trl_step_timer
 
 BENCHMARK = "grpo"
 GOAL = 2.0
@@ -61,19 +62,12 @@ def stema_steps(model_path: Path, size: dict, output_dir: Path, *, advantage: st
 def trl_steps(model_path: Path, size: dict, output_dir: Path) -> tuple[list[float], list[float]]:
     """(seconds between consecutive step ends, mean completion length per step) of TRL's GRPOTrainer."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from stema.data import builtin
 
-    step_ends: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
+    timer = trl_step_timer()
 
     def exact_match(prompts, completions, **kwargs):
         return [builtin.reward(prompt, completion[0]["content"]) for prompt, completion in zip(prompts, completions)]
@@ -90,11 +84,11 @@ def trl_steps(model_path: Path, size: dict, output_dir: Path) -> tuple[list[floa
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_path), reward_funcs=exact_match, args=args,
         train_dataset=Dataset.from_list(records), processing_class=AutoTokenizer.from_pretrained(model_path),
-        callbacks=[StepTimes()],
+        callbacks=[timer],
     )
     trainer.train()
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history if "completions/mean_length" in entry]
-    return [later - earlier for earlier, later in zip(step_ends, step_ends[1:])], lengths
+    return timer.step_seconds(), lengths
 
 
 def _row(case: str, metric: str, stema: float, baseline: float, baseline_name: str, goal: float | None) -> dict:

@@ -37,3 +37,24 @@ def device_label(device: str) -> str:
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} torch threads, {stema_kernels.build_info()['openmp_max_threads']} OpenMP)"
+
+
+def trl_step_timer():
+    """A transformers `TrainerCallback` that records the time of the train start and of every
+    optimizer-step end; its `step_seconds()` are the seconds between consecutive ones."""
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append(time.perf_counter())
+
+        def step_seconds(self) -> list[float]:
+            return [later - earlier for earlier, later in zip(self.marks, self.marks[1:])]
+
+    return StepTimes()
