@@ -26,6 +26,7 @@ from stema.config import (
     describe,
     load_config,
 )
+from stema.config import AnnotateConfig, GenerateConfig, RSConfig, SPINConfig, SteerLMConfig
 
 
 def _run_sft(config: SFTConfig) -> Any:
@@ -64,6 +65,36 @@ def _run_grpo(config: GRPOConfig) -> Any:
     return run_grpo(config)
 
 
+def _run_annotate(config: AnnotateConfig) -> Any:
+    from stema.trainers.steerlm import annotate
+
+    return annotate(config)
+
+
+def _run_steerlm(config: SteerLMConfig) -> Any:
+    from stema.trainers.steerlm import run
+
+    return run(config)
+
+
+def _run_generate(config: GenerateConfig) -> Any:
+    from stema.trainers.steerlm import generate
+
+    return generate(config)
+
+
+def _run_rs(config: RSConfig) -> Any:
+    from stema.trainers.rejection import run
+
+    return run(config)
+
+
+def _run_spin(config: SPINConfig) -> Any:
+    from stema.trainers.spin import run
+
+    return run(config)
+
+
 def _run_demo(config: Any) -> Any:
     from stema.demo import run
 
@@ -87,6 +118,11 @@ COMMANDS = {
         Command("kto", "KTO on unpaired (prompt, completion, label) data.", lambda: KTOConfig, _run_kto),
         Command("ppo", "RLHF with PPO: actor, critic, reward, reference roles; gae, reinforce, rloo or grpo advantages.", lambda: PPOConfig, _run_ppo),
         Command("grpo", "GRPO: PPO's machinery with group-normalized advantages, no critic, KL in the loss.", lambda: GRPOConfig, _run_grpo),
+        Command("annotate", "SteerLM: label a data set with an attribute model's predictions.", lambda: AnnotateConfig, _run_annotate),
+        Command("steerlm", "SteerLM: attribute-conditioned SFT.", lambda: SteerLMConfig, _run_steerlm),
+        Command("generate", "Generate completions, optionally steered: --attributes quality:4,verbosity:2.", lambda: GenerateConfig, _run_generate),
+        Command("rs", "Rejection sampling: best-of-n by a reward function or model, then SFT on the winners.", lambda: RSConfig, _run_rs),
+        Command("spin", "SPIN: self-play fine-tuning against the model's own generations.", lambda: SPINConfig, _run_spin),
         Command("demo", "Built-in tiny model and task end to end on a CPU, no download.", lambda: DemoConfig, _run_demo),
     )
 }
@@ -121,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         if command.name == "demo":
             sub.add_argument("--out", help="output folder (same as out=DIR)")
             sub.add_argument("--stages", help="comma-separated stages, or 'all' (same as stages=...)")
+        if command.name == "generate":
+            sub.add_argument("--attributes", help="requested attributes, e.g. quality:4,verbosity:2 (same as generate.attributes=...)")
     return parser
 
 
@@ -135,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if command.name == "demo":
         overrides += [f"out={args.out}"] if args.out else []
         overrides += [f"stages={args.stages}"] if args.stages else []
+    if command.name == "generate" and args.attributes:
+        overrides.append(f"generate.attributes='{args.attributes}'")
     try:
         config = load_config(command.config_class(), args.config, overrides)
     except ConfigError as error:

@@ -336,6 +336,115 @@ class KTOConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How the generation engine samples (`stema generate`, `stema rs`, `stema spin`)."""
+
+    temperature: float = option(1.0, "Softmax temperature; 0 is greedy decoding.")
+    top_p: float = option(1.0, "Nucleus sampling: keep the most likely tokens whose mass reaches top_p (1: off).")
+    top_k: int = option(0, "Keep the k most likely tokens (0: off).")
+    max_new_tokens: int = option(64, "Most tokens generated per response.")
+    seed: int = option(0, "Seed of the sampler (same seed, prompts and weights: same samples).")
+    batch_size: int = option(64, "Sequences the generation engine decodes at once.")
+
+
+@dataclass
+class AnnotateOptions:
+    """Where `stema annotate` writes the attribute predictions."""
+
+    output: str = option("annotated.jsonl", "JSONL file written (atomically): prompt, completion and one column per data.attributes name.")
+    batch_size: int = option(32, "Sequences per forward pass of the attribute model.")
+
+
+@dataclass
+class AnnotateConfig:
+    """`stema annotate`: label a data set with the attributes an attribute model (`stema rm`, regression) predicts."""
+
+    model: ModelConfig = section(ModelConfig, "The attribute model: a `stema rm` export with one output per data.attributes name.")
+    data: DataConfig = section(DataConfig, "data.train: the records to label (any SFT format); data.attributes: the output names, in label order.")
+    annotate: AnnotateOptions = section(AnnotateOptions, "Output.")
+
+
+@dataclass
+class SteerConfig:
+    """How attribute values enter the prompt (the template is in `stema.data.steerlm`)."""
+
+    min_value: int = option(0, "Attribute values are rounded and clamped to [min_value, max_value] (HelpSteer: 0..4).")
+    max_value: int = option(4, "Largest attribute value.")
+
+
+@dataclass
+class SteerLMConfig:
+    """`stema steerlm`: attribute-conditioned SFT (SteerLM): each prompt carries its response's attribute string."""
+
+    model: ModelConfig = section(ModelConfig, "Policy model to fine-tune.")
+    data: DataConfig = section(DataConfig, "SFT records with one column per data.attributes name (what `stema annotate` writes); 'builtin' for the built-in attribute task.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
+    steer: SteerConfig = section(SteerConfig, "Attribute values.")
+
+
+@dataclass
+class GenerateOptions:
+    """Output and steering of `stema generate`."""
+
+    output: str = option("generations.jsonl", "JSONL file written (atomically): prompt, completion, finish_reason.")
+    attributes: str = option("", "Requested attributes, e.g. 'quality:4,verbosity:2', put in every prompt by the SteerLM template ('' for none).")
+
+
+@dataclass
+class GenerateConfig:
+    """`stema generate`: complete prompts with the generation engine, optionally steered by attributes."""
+
+    model: ModelConfig = section(ModelConfig, "Model to generate with (Llama, Qwen2, Mistral families).")
+    data: DataConfig = section(DataConfig, "data.train: the prompts (records with a 'prompt' field; 'builtin' for built-in questions).")
+    sampling: SamplingConfig = section(SamplingConfig, "Sampling.")
+    generate: GenerateOptions = section(GenerateOptions, "Output and attributes.")
+    steer: SteerConfig = section(SteerConfig, "Attribute values.")
+
+
+@dataclass
+class RejectionSamplingOptions:
+    """Best-of-n selection of `stema rs`."""
+
+    num_samples: int = option(8, "Responses sampled per prompt (n of best-of-n).")
+    reward_function: str = option("builtin", "Reward function 'module:function' or 'builtin' (the built-in task's exact match); used when reward_model is ''.")
+    reward_model: str = option("", "A one-output `stema rm` export that scores prompt + response instead of the reward function.")
+    min_reward: float | None = option(None, "Keep a prompt's best response only when its reward is at least this (null: always keep it).")
+
+
+@dataclass
+class RSConfig:
+    """`stema rs`: rejection sampling: best-of-n generations scored by a reward, then SFT on the winners."""
+
+    model: ModelConfig = section(ModelConfig, "Policy that samples and is fine-tuned (Llama, Qwen2, Mistral families).")
+    data: DataConfig = section(DataConfig, "Prompts (train: to sample from; eval: greedy reward before and after).")
+    optim: OptimConfig = section(OptimConfig, "Optimizer of the SFT on the winners.")
+    trainer: TrainerConfig = section(TrainerConfig, "Training loop of the SFT on the winners.")
+    sampling: SamplingConfig = section(SamplingConfig, "Sampling of the n candidates.")
+    rs: RejectionSamplingOptions = section(RejectionSamplingOptions, "Best-of-n selection.")
+
+
+@dataclass
+class SPINOptions:
+    """Self-play iterations of `stema spin`."""
+
+    iterations: int = option(3, "Self-play iterations: generate, train with the SPIN loss, move the reference forward.")
+
+
+@dataclass
+class SPINConfig:
+    """`stema spin`: self-play fine-tuning (ground truth chosen, the model's own generation rejected)."""
+
+    model: ModelConfig = section(ModelConfig, "Policy (Llama, Qwen2, Mistral families); usually an SFT model.")
+    data: DataConfig = section(DataConfig, "SFT data (prompt + ground-truth completion); eval: held-out log-likelihood and exact match.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer of each iteration.")
+    trainer: TrainerConfig = section(TrainerConfig, "Training loop of each iteration (max_steps / epochs per iteration).")
+    preference: PreferenceConfig = section(PreferenceConfig, "The SPIN loss: a DPO-family loss (default dpo) against the previous iteration.")
+    sampling: SamplingConfig = section(SamplingConfig, "Sampling of the rejected responses.")
+    spin: SPINOptions = section(SPINOptions, "Iterations.")
+
+
+@dataclass
 class DemoConfig:
     """`stema demo`: the built-in tiny model and task end to end on a CPU, with no download."""
 
@@ -350,6 +459,12 @@ class DemoConfig:
     ppo_steps: int = option(60, "PPO steps (each: generate, score, update, refit).")
     batch_size: int = option(32, "Global batch size of every stage.")
     progress_bar: bool = option(True, "Show progress bars.")
+    steerlm_steps: int = option(300, "SteerLM stage: attribute-conditioned SFT optimizer steps.")
+    steerlm_attribute_steps: int = option(100, "SteerLM stage: attribute-model (regression reward model) optimizer steps.")
+    spin_iterations: int = option(2, "SPIN stage: self-play iterations.")
+    spin_steps: int = option(100, "SPIN stage: optimizer steps per iteration.")
+    rs_samples: int = option(8, "Rejection-sampling stage: responses sampled per prompt.")
+    rs_steps: int = option(200, "Rejection-sampling stage: SFT optimizer steps on the winners.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,6 +647,13 @@ def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -
         raise ConfigError(f"{prefix}tp_size must be >= 1 and timeout_s > 0 (got {config.tp_size}, {config.timeout_s})")
     if isinstance(config, KTOLossConfig) and config.beta <= 0:
         raise ConfigError(f"{prefix}beta must be > 0, got {config.beta}")
+    if isinstance(config, SteerConfig) and config.min_value > config.max_value:
+        raise ConfigError(f"{prefix}min_value ({config.min_value}) must be <= max_value ({config.max_value})")
+    if isinstance(config, SamplingConfig) and (config.max_new_tokens < 1 or config.batch_size < 1 or config.temperature < 0):
+        raise ConfigError(f"{prefix}max_new_tokens and batch_size must be >= 1 and temperature >= 0")
+    for options, name in ((RejectionSamplingOptions, "num_samples"), (SPINOptions, "iterations"), (AnnotateOptions, "batch_size")):
+        if isinstance(config, options) and getattr(config, name) < 1:
+            raise ConfigError(f"{prefix}{name} must be >= 1, got {getattr(config, name)}")
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value):

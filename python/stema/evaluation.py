@@ -1,5 +1,6 @@
 """Evaluation: greedy completions of held-out prompts scored by a reward function (exact-match
-accuracy on a verifiable task), and how often a policy prefers the chosen completion of a pair."""
+accuracy on a verifiable task), how often a policy prefers the chosen completion of a pair, and
+Spearman's rank correlation (requested vs measured attributes of a steered model)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,30 @@ def preference_accuracy(model, pairs: Sequence[TokenizedPair], *, pad_id: int, b
     finally:
         model.train(was_training)
     return preferred / max(1, len(pairs))
+
+
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks of `values`, tied values sharing the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda index: values[index])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the average ranks of `x` and `y`
+    (ties handled as in scipy.stats.spearmanr); 0.0 when either side is constant."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman needs two sequences of the same length >= 2, got {len(x)} and {len(y)}")
+    rank_x, rank_y = average_ranks(x), average_ranks(y)
+    mean_x, mean_y = sum(rank_x) / len(x), sum(rank_y) / len(y)
+    covariance = sum((a - mean_x) * (b - mean_y) for a, b in zip(rank_x, rank_y))
+    spread = (sum((a - mean_x) ** 2 for a in rank_x) * sum((b - mean_y) ** 2 for b in rank_y)) ** 0.5
+    return covariance / spread if spread > 0 else 0.0

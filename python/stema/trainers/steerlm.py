@@ -1,0 +1,140 @@
+"""SteerLM (Dong et al. 2023, https://arxiv.org/abs/2310.05344; NeMo-Aligner's SteerLM recipe).
+
+1. Attribute model: `stema rm` with `reward.loss=regression` and `reward.num_attributes=k` trains a
+   k-output regression reward model on labelled responses (NeMo-Aligner's `{"text", "label"}`
+   with -100 where unknown, or HelpSteer attribute columns).
+2. `stema annotate` (`annotate`): the attribute model predicts the k attributes of every
+   (prompt, completion) of a data set, batched, under no_grad; the records are written with one
+   column per attribute (`data.attributes` order) to a JSONL file, atomically.
+3. `stema steerlm` (`run`): attribute-conditioned SFT: each prompt gets its response's attribute
+   string by the template of `stema.data.steerlm` (values rounded and clamped to
+   [steer.min_value, steer.max_value]), then SFT exactly as `stema sft` (the SFT trainer's
+   algorithm on the shared loop, loss on the completion).
+4. `stema generate --attributes ...` (`generate`): the requested attribute string goes into every
+   prompt by the same template; the rollout engine completes them; JSONL out, atomically.
+
+Departures from the paper: one round (no bootstrapping of the attribute model on the steered
+model's own generations); the attribute string sits in the user turn (see `stema.data.steerlm`)
+rather than in a separate label turn of a dedicated prompt format.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from stema.config import AnnotateConfig, ConfigError, GenerateConfig, SteerLMConfig
+from stema.data import AttributeExample, read_examples, tokenize_attributes
+from stema.data.steerlm import condition_prompt, format_attributes, load_steered_sft_data, parse_attributes
+from stema.data.tokenize import LengthReport, encode_prompt
+from stema.generation import generate as generate_responses
+from stema.generation import write_jsonl_atomic
+from stema.models.loading import load_policy, load_tokenizer, resolve_model_path
+from stema.rewards import right_padded
+from stema.training import TrainResult
+from stema.training.setup import Run, fit, load_splits, report_data, seed_everything, start_run
+from stema.trainers.sft import SFTAlgorithm
+
+
+@torch.no_grad()
+def predict_attributes(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_id: int, batch_size: int) -> torch.Tensor:
+    """`[N, k]` fp32 CPU predictions of a k-output attribute model for the token `sequences`,
+    `batch_size` right-padded sequences per forward pass, read at each last token as `stema rm`
+    trained it."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions = []
+    try:
+        for start in range(0, len(sequences), batch_size):
+            input_ids, attention_mask = right_padded(sequences[start : start + batch_size], pad_id)
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
+            predictions.append(logits.float().cpu())  # [b, k]
+    finally:
+        model.train(was_training)
+    return torch.cat(predictions)
+
+
+def _output_run(command: str, output: str) -> Run:
+    """A Run for a command that writes one file (no training folder): say() and the device."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Run(command=command, output_dir=Path(output).parent, device=device)
+
+
+def annotate(config: AnnotateConfig) -> Path:
+    """Step 2: label `data.train` with the attribute model's predictions; returns the output path."""
+    from transformers import AutoModelForSequenceClassification
+
+    run = _output_run("annotate", config.annotate.output)
+    path = resolve_model_path(config.model, cache_dir=run.output_dir / "cache")
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, config.model.dtype), local_files_only=True)
+    names = list(config.data.attributes)
+    if model.config.num_labels != len(names):
+        raise ConfigError(
+            f"data.attributes: {len(names)} names ({', '.join(names)}) but the attribute model {path} has "
+            f"{model.config.num_labels} outputs; list one name per output, in label order"
+        )
+    model.to(run.device)
+    examples = read_examples(config.data, kind="sft", split="train")
+    report = LengthReport(f"train data ({config.data.train})", config.data.max_length)
+    kept, sequences = [], []
+    for example in examples:
+        scored = AttributeExample(example.prompt, example.completion, [], example.location)
+        item = tokenize_attributes(scored, tokenizer, max_length=config.data.max_length, truncation=config.data.truncation, report=report)
+        if item is not None:
+            kept.append(example)
+            sequences.append(item.input_ids)
+    report_data(run, "train", kept, report)
+    predictions = predict_attributes(model, sequences, pad_id=tokenizer.pad_token_id, batch_size=config.annotate.batch_size)
+    rows = (
+        {"prompt": example.prompt, "completion": example.completion, **{name: round(float(value), 4) for name, value in zip(names, values)}}
+        for example, values in zip(kept, predictions.tolist())
+    )
+    output = write_jsonl_atomic(config.annotate.output, rows)
+    run.say(f"wrote {len(kept)} annotated records ({', '.join(names)}) to {output}")
+    return output
+
+
+def run(config: SteerLMConfig) -> TrainResult:
+    """Step 3: attribute-conditioned SFT of `model` on `data` (see the module docstring)."""
+    run_info = start_run(config, command="steerlm")
+    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+    model.to(run_info.device)
+    load = functools.partial(load_steered_sft_data, min_value=config.steer.min_value, max_value=config.steer.max_value)
+    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load)
+    algorithm = SFTAlgorithm(
+        pad_id=tokenizer.pad_token_id,
+        packing=config.data.packing,
+        max_length=config.data.max_length,
+        micro_batch_size=config.trainer.micro_batch_size,
+        attn_implementation=config.model.attn_implementation,
+    )
+    return fit(
+        run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm,
+        train_examples=train_examples, eval_examples=eval_examples,
+    )
+
+
+def generate(config: GenerateConfig) -> Path:
+    """Step 4: complete `data.train`'s prompts, each steered by `generate.attributes` when given."""
+    run_info = _output_run("generate", config.generate.output)
+    seed_everything(config.sampling.seed)
+    model, tokenizer = load_policy(config.model, cache_dir=run_info.output_dir / "cache")
+    model.to(run_info.device)
+    prompts = [example.prompt for example in read_examples(config.data, kind="prompt", split="train")]
+    if config.generate.attributes:
+        values = parse_attributes(config.generate.attributes, min_value=config.steer.min_value, max_value=config.steer.max_value)
+        prompts = [condition_prompt(prompt, format_attributes(values)) for prompt in prompts]
+    prompt_ids = [encode_prompt(prompt, tokenizer) for prompt in prompts]
+    batch = generate_responses(model, tokenizer, prompt_ids, config.sampling)
+    rows = (
+        {"prompt": prompt, "completion": sequence.text, "finish_reason": sequence.finish_reason}
+        for prompt, sequence in zip(prompts, batch.sequences)
+    )
+    output = write_jsonl_atomic(config.generate.output, rows)
+    run_info.say(f"wrote {len(prompts)} generations to {output}")
+    return output
