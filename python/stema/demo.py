@@ -17,6 +17,9 @@ A recipe on top of the trainers (it wires them; no library code imports it):
 Stages outside the default (run by `--stages all` or by name), each from the SFT model:
 - `steerlm`: SteerLM on the built-in attribute task (see `stage_steerlm`); `spearman` is the rank
   correlation of requested and measured verbosity over 200 held-out prompts x 5 levels.
+- `rs`: rejection sampling (see `stage_rs`): greedy held-out exact match before and after.
+- `spin`: SPIN iterations (see `stage_spin`): held-out exact match and ground-truth
+  log-likelihood at the start (iteration 0) and after each iteration.
 
 Preference accuracy (base, sft, dpo) is the fraction of held-out preference pairs for which the
 policy's summed log-prob of the chosen completion (the right answer) exceeds that of the rejected
@@ -380,3 +383,67 @@ def run(config: DemoConfig) -> dict[str, dict]:
     (demo.out / "results.md").write_text(table + "\n")
     print(table)
     return demo.results
+
+
+RS_LR = 1e-3
+
+
+def stage_rs(demo: Demo) -> dict:
+    """Rejection sampling from the SFT model: best of `rs_samples` sampled answers per training
+    question by the exact-match reward, only right answers kept (min_reward 1), then SFT on them;
+    greedy held-out exact match (the reward of greedy outputs) before and after."""
+    from stema.config import RejectionSamplingOptions, RSConfig, SamplingConfig
+    from stema.trainers import rejection
+
+    config = RSConfig(
+        model=ModelConfig(path=str(sft_or_newest(demo))),
+        data=DataConfig(train="builtin", eval="builtin", builtin_size=demo.config.num_train // 2, builtin_eval_size=demo.config.num_heldout),
+        optim=OptimConfig(lr=RS_LR, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1),
+        trainer=demo.trainer_config("rs", steps=demo.config.rs_steps),
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=demo.config.seed, batch_size=256),
+        rs=RejectionSamplingOptions(num_samples=demo.config.rs_samples, reward_function="builtin", min_reward=1.0),
+    )
+    summary = rejection.run(config)
+    demo.policy_path = Path(config.trainer.output_dir) / "hf"
+    return {
+        "accuracy": summary.greedy_reward_after,
+        "greedy_reward_before": summary.greedy_reward_before,
+        "greedy_reward_after": summary.greedy_reward_after,
+        "winners": summary.winners,
+        "prompts": summary.prompts,
+        "mean_sample_reward": summary.mean_sample_reward,
+    }
+
+
+
+def stage_spin(demo: Demo) -> dict:
+    """SPIN from the SFT model: `spin_iterations` rounds of (sample an answer to every training
+    question, DPO with the right answer chosen and the sample rejected against the previous
+    iteration, plus the right answers' NLL as in the DPO stage); held-out ground-truth
+    log-likelihood and greedy exact match after each round."""
+    from stema.config import SamplingConfig, SPINConfig, SPINOptions
+    from stema.trainers import spin
+
+    config = SPINConfig(
+        model=ModelConfig(path=str(sft_or_newest(demo))),
+        data=DataConfig(
+            train="builtin", eval="builtin", builtin_size=demo.config.num_train // 4,
+            builtin_eval_size=demo.config.num_heldout, max_length=64,
+        ),
+        optim=OptimConfig(lr=DPO_LR, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1),
+        trainer=demo.trainer_config("spin", steps=demo.config.spin_steps),
+        preference=PreferenceConfig(loss="dpo", beta=DPO_BETA, sft_loss_weight=DPO_SFT_LOSS_WEIGHT),
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=demo.config.seed, batch_size=256),
+        spin=SPINOptions(iterations=demo.config.spin_iterations),
+    )
+    history = spin.run(config)["iterations"]
+    demo.policy_path = Path(config.trainer.output_dir) / "hf"
+    return {
+        "accuracy": history[-1]["exact_match"],
+        "exact_match_by_iteration": [round(entry["exact_match"], 4) for entry in history],
+        "gt_logprob_by_iteration": [round(entry["gt_logprob"], 4) for entry in history],
+    }
+
+
+STAGES["spin"] = stage_spin
+STAGES["rs"] = stage_rs

@@ -1,0 +1,144 @@
+"""SPIN: self-play fine-tuning (Chen et al. 2024, https://arxiv.org/abs/2401.01335; NeMo-Aligner's SPIN).
+
+1. Load the policy (optionally with LoRA) and tokenizer; read the SFT data (prompt + ground-truth
+   completion; the prompt is everything before the first trained token) and the held-out data.
+2. Build the rollout engine once, with room for the longest prompt plus `sampling.max_new_tokens`.
+3. Iteration t = 1..`spin.iterations`:
+   a. refit the engine with the current weights and generate one response per training prompt
+      (`sampling`; the model's own answer);
+   b. pairs: chosen = the ground truth, rejected = the generation (a pair whose generation equals
+      the ground truth token for token carries no gradient and is left out);
+   c. reference = the model as it is now, i.e. the previous iteration: its sequence log-probs of
+      both completions are computed once here (no_grad; no copy of the weights is kept);
+   d. train on the pairs with the DPO-family loss of `preference` (default `dpo`, the SPIN loss
+      with the logistic loss; `sft_loss_weight` adds the ground truth's NLL) through the DPO
+      trainer's algorithm on the shared loop (`trainer.max_steps` or `epochs` per iteration, a
+      fresh optimizer, checkpoints and metrics in `<output_dir>/iteration_<t>`);
+   e. evaluate on the held-out data: mean ground-truth log-likelihood (summed over completion
+      tokens) and exact match of the greedy generation with the ground truth.
+4. Write `<output_dir>/spin_summary.json` (the held-out numbers before and after each iteration)
+   and export the final policy in Hugging Face format.
+
+Departures from the paper: the iterations train on the same prompts (the paper adds the previous
+iteration's synthetic data to the next); no resume across iterations (`trainer.resume` applies
+within the current iteration's folder only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Sequence
+
+import torch
+
+from stema.config import SPINConfig
+from stema.data import TokenizedPair, TokenizedSFT, collate_sft, load_sft_data
+from stema.data.tokenize import IGNORE_INDEX
+from stema.generation import sampling_params
+from stema.losses import uses_reference
+from stema.models.loading import load_policy
+from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
+from stema.training.loop import autocast_context, to_device
+from stema.training.setup import export_model, fit, load_splits, start_run
+from stema.trainers.dpo import DPOAlgorithm, precompute_reference_logprobs
+
+
+def prompt_length(example: TokenizedSFT) -> int:
+    """Tokens before the first trained one: the prompt of an SFT example."""
+    return next(index for index, label in enumerate(example.labels) if label != IGNORE_INDEX)
+
+
+def spin_pairs(examples: Sequence[TokenizedSFT], generations: Sequence[Sequence[int]]) -> list[TokenizedPair]:
+    """Step 3b: (ground truth chosen, generation rejected) pairs; pairs with identical completions are left out."""
+    pairs = []
+    for example, generated in zip(examples, generations):
+        length = prompt_length(example)
+        prompt, truth = example.input_ids[:length], example.input_ids[length:]
+        if list(generated) == truth:
+            continue
+        pairs.append(TokenizedPair(
+            prompt_ids=prompt,
+            chosen_ids=list(example.input_ids),
+            rejected_ids=prompt + list(generated),
+            chosen_labels=list(example.labels),
+            rejected_labels=[IGNORE_INDEX] * length + list(generated),
+            location=example.location,
+        ))
+    return pairs
+
+
+@torch.no_grad()
+def heldout_metrics(model, engine, examples: Sequence[TokenizedSFT], *, pad_id: int, batch_size: int, params) -> dict[str, float]:
+    """Step 3e: mean ground-truth log-likelihood (summed over completion tokens) and greedy exact match."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_logprob = 0.0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = to_device(collate_sft(examples[start : start + batch_size], pad_id), device)
+            total_logprob += float(sequence_logprobs(*completion_token_logprobs(model, batch)).sum())
+    finally:
+        model.train(was_training)
+    lengths = [prompt_length(example) for example in examples]
+    generated = engine.generate([example.input_ids[:length] for example, length in zip(examples, lengths)], params).token_ids
+    matches = sum(list(tokens) == example.input_ids[length:] for tokens, example, length in zip(generated, examples, lengths))
+    return {"gt_logprob": total_logprob / len(examples), "exact_match": matches / len(examples)}
+
+
+def run(config: SPINConfig) -> dict:
+    from stema.rollout import EngineRefitter, GenerationEngine
+
+    run_info = start_run(config, command="spin")
+    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+    model.to(run_info.device)
+    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_sft_data)
+    prompts = [example.input_ids[: prompt_length(example)] for example in train_examples]
+
+    longest = max(len(prompt) for prompt in prompts + [example.input_ids for example in eval_examples or []])
+    engine = GenerationEngine.from_hf(
+        model, max_batch=config.sampling.batch_size, max_total_len=longest + config.sampling.max_new_tokens
+    )
+    refitter = EngineRefitter(engine, model)
+    greedy = sampling_params(config.sampling, greedy=True)
+    measure = dict(pad_id=tokenizer.pad_token_id, batch_size=config.trainer.micro_batch_size, params=greedy)
+    history = []
+    if eval_examples:
+        history.append({"iteration": 0, **heldout_metrics(model, engine, eval_examples, **measure)})
+        run_info.say(f"held-out before SPIN: {history[-1]}")
+
+    preference = config.preference
+    for iteration in range(1, config.spin.iterations + 1):
+        refitter.refit()
+        params = dataclasses.replace(sampling_params(config.sampling), seed=config.sampling.seed + iteration)
+        generations = engine.generate(prompts, params).token_ids
+        pairs = spin_pairs(train_examples, generations)
+        run_info.say(f"iteration {iteration}: {len(pairs)} pairs ({len(prompts) - len(pairs)} generations equal the ground truth)")
+        if len(pairs) < config.trainer.global_batch_size:
+            run_info.say(f"iteration {iteration}: fewer pairs than one global batch; SPIN stops here")
+            break
+        examples: list = pairs
+        if uses_reference(preference.loss):
+            model.eval()
+            examples = precompute_reference_logprobs(
+                ReferenceModel(model, adapters_disabled=False), pairs, pad_id=tokenizer.pad_token_id,
+                batch_size=config.trainer.micro_batch_size, average=preference.average_logprobs,
+                autocast=lambda: autocast_context(config.trainer, run_info.device),
+            )
+            model.train()
+        algorithm = DPOAlgorithm(pad_id=tokenizer.pad_token_id, preference=preference, reference=None, micro_batch_size=config.trainer.micro_batch_size)
+        trainer = dataclasses.replace(
+            config.trainer, output_dir=str(run_info.output_dir / f"iteration_{iteration}"),
+            export_hf=False, seed=config.trainer.seed + iteration,
+        )
+        fit(run_info, dataclasses.replace(config, trainer=trainer), model=model, tokenizer=tokenizer, algorithm=algorithm,
+            train_examples=examples, eval_examples=None)
+        if eval_examples:
+            refitter.refit()
+            history.append({"iteration": iteration, "pairs": len(pairs), **heldout_metrics(model, engine, eval_examples, **measure)})
+            run_info.say(f"held-out after iteration {iteration}: {history[-1]}")
+    export_model(run_info, config, model, tokenizer)
+    summary = {"iterations": history}
+    (run_info.output_dir / "spin_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
