@@ -52,4 +52,6 @@ def test_spin_iterates_with_the_previous_iteration_as_reference(tmp_path, small_
         # Each iteration starts with the policy equal to its reference: the DPO loss is log 2 and the
         # margin 0 (plus the NLL term, which is 0 by default).
         assert records[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+    combined = read_metrics(out, "train")
+    assert [(r["iteration"], r["step"]) for r in combined] == [(1, 1), (1, 2), (2, 3), (2, 4)]
     assert (out / "hf" / "config.json").is_file() and not (out / "iteration_1" / "hf").exists()

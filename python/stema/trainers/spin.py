@@ -16,8 +16,9 @@
       fresh optimizer, checkpoints and metrics in `<output_dir>/iteration_<t>`);
    e. evaluate on the held-out data: mean ground-truth log-likelihood (summed over completion
       tokens) and exact match of the greedy generation with the ground truth.
-4. Write `<output_dir>/spin_summary.json` (the held-out numbers before and after each iteration)
-   and export the final policy in Hugging Face format.
+4. Write `<output_dir>/spin_summary.json` (the held-out numbers before and after each iteration),
+   the iterations' training records in one `<output_dir>/metrics.jsonl` (steps counted from the
+   start, tagged with the iteration), and export the final policy in Hugging Face format.
 
 Departures from the paper: the iterations train on the same prompts (the paper adds the previous
 iteration's synthetic data to the next); no resume across iterations (`trainer.resume` applies
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -39,6 +41,7 @@ from stema.generation import sampling_params
 from stema.losses import uses_reference
 from stema.models.loading import load_policy
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
+from stema.training.logging import read_metrics
 from stema.training.loop import autocast_context, to_device
 from stema.training.setup import export_model, fit, load_splits, start_run
 from stema.trainers.dpo import DPOAlgorithm, precompute_reference_logprobs
@@ -87,10 +90,19 @@ def heldout_metrics(model, engine, examples: Sequence[TokenizedSFT], *, pad_id: 
     return {"gt_logprob": total_logprob / len(examples), "exact_match": matches / len(examples)}
 
 
+def append_iteration_metrics(output_dir: Path, iteration_dir: str | Path, *, iteration: int, step_offset: int) -> None:
+    """Append an iteration's training records to `<output_dir>/metrics.jsonl`, steps counted from
+    the run's start and each record tagged with its iteration: one loss curve for the whole run."""
+    with open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8") as file:
+        for record in read_metrics(Path(iteration_dir), "train"):
+            file.write(json.dumps({**record, "step": record["step"] + step_offset, "iteration": iteration}) + "\n")
+
+
 def run(config: SPINConfig) -> dict:
     from stema.rollout import EngineRefitter, GenerationEngine
 
     run_info = start_run(config, command="spin")
+    (run_info.output_dir / "metrics.jsonl").unlink(missing_ok=True)  # rebuilt from the iterations' records
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model.to(run_info.device)
     train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_sft_data)
@@ -109,6 +121,7 @@ def run(config: SPINConfig) -> dict:
         run_info.say(f"held-out before SPIN: {history[-1]}")
 
     preference = config.preference
+    steps_done = 0
     for iteration in range(1, config.spin.iterations + 1):
         refitter.refit()
         params = dataclasses.replace(sampling_params(config.sampling), seed=config.sampling.seed + iteration)
@@ -132,8 +145,10 @@ def run(config: SPINConfig) -> dict:
             config.trainer, output_dir=str(run_info.output_dir / f"iteration_{iteration}"),
             export_hf=False, seed=config.trainer.seed + iteration,
         )
-        fit(run_info, dataclasses.replace(config, trainer=trainer), model=model, tokenizer=tokenizer, algorithm=algorithm,
-            train_examples=examples, eval_examples=None)
+        result = fit(run_info, dataclasses.replace(config, trainer=trainer), model=model, tokenizer=tokenizer, algorithm=algorithm,
+                     train_examples=examples, eval_examples=None)
+        append_iteration_metrics(run_info.output_dir, trainer.output_dir, iteration=iteration, step_offset=steps_done)
+        steps_done += result.step
         if eval_examples:
             refitter.refit()
             history.append({"iteration": iteration, "pairs": len(pairs), **heldout_metrics(model, engine, eval_examples, **measure)})
