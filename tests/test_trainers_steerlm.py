@@ -110,6 +110,8 @@ def test_attribute_model_annotate_steerlm_and_steered_generation(tmp_path, small
     assert main(["annotate", f"model.path={tmp_path / 'rm' / 'hf'}", f"data.train={pool}", "data.attributes=[verbosity]",
                  f"annotate.output={tmp_path / 'x.jsonl'}"]) == 2
     assert "data.attributes: 1 names" in capsys.readouterr().err
+    assert main(["annotate", f"model.path={small_model}", f"data.train={pool}", names, f"annotate.output={tmp_path / 'y.jsonl'}"]) == 2
+    assert "is not an attribute model" in capsys.readouterr().err
 
 
 def test_steerlm_on_builtin_data_and_unannotated_data_is_an_error(tmp_path, small_model, capsys):

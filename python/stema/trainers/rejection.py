@@ -2,7 +2,7 @@
 section 3.2.3; RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767).
 
 1. Load the policy (optionally with LoRA) and tokenizer; read the training prompts (and held-out
-   prompts from data.eval, when given).
+   prompts from data.eval, when given); prompts longer than data.max_length are dropped and counted.
 2. Put the policy's weights into the rollout engine and sample `rs.num_samples` responses per
    prompt (`sampling`: temperature, top-p, top-k, seeded).
 3. Score every response: the reward model `rs.reward_model` (a one-output `stema rm` export,
@@ -29,12 +29,12 @@ from typing import Any, Sequence
 import torch
 
 from stema.config import ModelConfig, RSConfig
-from stema.data import TokenizedSFT, read_examples
-from stema.data.tokenize import IGNORE_INDEX, encode_prompt
+from stema.data import TokenizedPrompt, TokenizedSFT, load_prompts
+from stema.data.tokenize import IGNORE_INDEX
 from stema.generation import generate
 from stema.models.loading import load_policy, load_reward_model
 from stema.rewards import RewardModelScorer, load_reward_function, score_with_function
-from stema.training.setup import Run, fit, start_run
+from stema.training.setup import Run, fit, load_splits, start_run
 from stema.trainers.sft import SFTAlgorithm
 
 
@@ -83,23 +83,24 @@ def best_of_n(rewards: torch.Tensor, finished: torch.Tensor, *, min_reward: floa
     return winners
 
 
-def greedy_reward(model, tokenizer, prompts: Sequence[Any], scorer: Scorer, sampling_cfg) -> float:
-    """Mean reward of the greedy responses to `prompts` (step 6)."""
-    batch = generate(model, tokenizer, [encode_prompt(prompt, tokenizer) for prompt in prompts], sampling_cfg, greedy=True)
-    return float(scorer.score(prompts, batch).mean())
+def greedy_reward(model, tokenizer, items: Sequence[TokenizedPrompt], scorer: Scorer, sampling_cfg) -> float:
+    """Mean reward of the greedy responses to the tokenized prompts `items` (step 6)."""
+    batch = generate(model, tokenizer, [item.input_ids for item in items], sampling_cfg, greedy=True)
+    return float(scorer.score([item.prompt for item in items], batch).mean())
 
 
 def run(config: RSConfig) -> RSSummary:
     run_info = start_run(config, command="rs")
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model.to(run_info.device)
-    prompts = [example.prompt for example in read_examples(config.data, kind="prompt", split="train")]
-    eval_prompts = [example.prompt for example in read_examples(config.data, kind="prompt", split="eval")]
+    train_prompts, eval_items = load_splits(run_info, config.data, tokenizer, load_prompts)
+    prompts = [item.prompt for item in train_prompts]
+    eval_prompts = eval_items or []
     scorer = Scorer(config, run=run_info, micro_batch_size=config.trainer.micro_batch_size)
     before = greedy_reward(model, tokenizer, eval_prompts, scorer, config.sampling) if eval_prompts else None
 
     n = config.rs.num_samples
-    prompt_ids = [encode_prompt(prompt, tokenizer) for prompt in prompts]
+    prompt_ids = [item.input_ids for item in train_prompts]
     repeated = [ids for ids in prompt_ids for _ in range(n)]  # prompt p's samples at rows p*n .. p*n+n-1
     batch = generate(model, tokenizer, repeated, config.sampling)
     rewards = scorer.score([prompt for prompt in prompts for _ in range(n)], batch).view(len(prompts), n)  # [P, n]

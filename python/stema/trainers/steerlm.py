@@ -66,11 +66,13 @@ def _output_run(command: str, output: str) -> Run:
 
 def annotate(config: AnnotateConfig) -> Path:
     """Step 2: label `data.train` with the attribute model's predictions; returns the output path."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     run = _output_run("annotate", config.annotate.output)
     path = resolve_model_path(config.model, cache_dir=run.output_dir / "cache")
     tokenizer = load_tokenizer(path)
+    if not any(name.endswith("ForSequenceClassification") for name in AutoConfig.from_pretrained(path, local_files_only=True).architectures or []):
+        raise ConfigError(f"model.path: {path} is not an attribute model (a `stema rm` export with reward.loss=regression)")
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, config.model.dtype), local_files_only=True)
     names = list(config.data.attributes)
     if model.config.num_labels != len(names):
