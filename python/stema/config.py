@@ -381,6 +381,7 @@ class SteerLMConfig:
     optim: OptimConfig = section(OptimConfig, "Optimizer.")
     trainer: TrainerConfig = section(TrainerConfig, "Training loop.")
     steer: SteerConfig = section(SteerConfig, "Attribute values.")
+    distributed: DistributedConfig = section(DistributedConfig, "Multi-process data and tensor parallelism.")
 
 
 @dataclass
@@ -422,6 +423,7 @@ class RSConfig:
     trainer: TrainerConfig = section(TrainerConfig, "Training loop of the SFT on the winners.")
     sampling: SamplingConfig = section(SamplingConfig, "Sampling of the n candidates.")
     rs: RejectionSamplingOptions = section(RejectionSamplingOptions, "Best-of-n selection.")
+    distributed: DistributedConfig = section(DistributedConfig, "Must be one process: sampling uses the rollout engine on the whole model.")
 
 
 @dataclass
@@ -442,6 +444,7 @@ class SPINConfig:
     preference: PreferenceConfig = section(PreferenceConfig, "The SPIN loss: a DPO-family loss (default dpo) against the previous iteration.")
     sampling: SamplingConfig = section(SamplingConfig, "Sampling of the rejected responses.")
     spin: SPINOptions = section(SPINOptions, "Iterations.")
+    distributed: DistributedConfig = section(DistributedConfig, "Must be one process: sampling uses the rollout engine on the whole model.")
 
 
 @dataclass

@@ -17,9 +17,9 @@ A recipe on top of the trainers (it wires them; no library code imports it):
 Stages outside the default (run by `--stages all` or by name), each from the SFT model:
 - `steerlm`: SteerLM on the built-in attribute task (see `stage_steerlm`); `spearman` is the rank
   correlation of requested and measured verbosity over 200 held-out prompts x 5 levels.
-- `rs`: rejection sampling (see `stage_rs`): greedy held-out exact match before and after.
 - `spin`: SPIN iterations (see `stage_spin`): held-out exact match and ground-truth
   log-likelihood at the start (iteration 0) and after each iteration.
+- `rs`: rejection sampling (see `stage_rs`): greedy held-out exact match before and after.
 
 Preference accuracy (base, sft, dpo) is the fraction of held-out preference pairs for which the
 policy's summed log-prob of the chosen completion (the right answer) exceeds that of the rejected
@@ -217,12 +217,6 @@ def stage_ppo(demo: Demo) -> dict:
 STAGES: dict[str, Callable[[Demo], dict]] = {"sft": stage_sft, "rm": stage_rm, "dpo": stage_dpo, "ppo": stage_ppo}
 
 
-def sft_or_newest(demo: Demo) -> Path:
-    """The SFT stage's model when it ran (SteerLM, SPIN and rejection sampling start from it), else the newest policy."""
-    sft_model = demo.out / "sft" / "hf"
-    return sft_model if (sft_model / "config.json").is_file() else demo.policy_path
-
-
 def stage_steerlm(demo: Demo) -> dict:
     """SteerLM on the built-in attribute task (`stema.data.builtin_attributes`): an attribute model
     (correctness, verbosity) from labelled answers, `annotate` on an unlabelled pool, SFT conditioned
@@ -241,7 +235,7 @@ def stage_steerlm(demo: Demo) -> dict:
     files = builtin_attributes.write_files(data, size=demo.config.num_train // 2, seed=demo.config.seed)
     labelled, pool = files["labelled"], files["pool"]
     attributes = list(builtin_attributes.ATTRIBUTES)
-    start = sft_or_newest(demo)
+    start = demo.sft_path or demo.policy_path
     attribute_model = RMConfig(
         model=ModelConfig(path=str(start)),
         data=DataConfig(train=str(labelled), attributes=attributes, max_length=96),
@@ -396,7 +390,7 @@ def stage_rs(demo: Demo) -> dict:
     from stema.trainers import rejection
 
     config = RSConfig(
-        model=ModelConfig(path=str(sft_or_newest(demo))),
+        model=ModelConfig(path=str(demo.sft_path or demo.policy_path)),
         data=DataConfig(train="builtin", eval="builtin", builtin_size=demo.config.num_train // 2, builtin_eval_size=demo.config.num_heldout),
         optim=OptimConfig(lr=RS_LR, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1),
         trainer=demo.trainer_config("rs", steps=demo.config.rs_steps),
@@ -425,7 +419,7 @@ def stage_spin(demo: Demo) -> dict:
     from stema.trainers import spin
 
     config = SPINConfig(
-        model=ModelConfig(path=str(sft_or_newest(demo))),
+        model=ModelConfig(path=str(demo.sft_path or demo.policy_path)),
         data=DataConfig(
             train="builtin", eval="builtin", builtin_size=demo.config.num_train // 4,
             builtin_eval_size=demo.config.num_heldout, max_length=64,

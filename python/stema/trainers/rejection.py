@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from stema.config import ModelConfig, RSConfig
+from stema.config import ConfigError, ModelConfig, RSConfig
 from stema.data import TokenizedPrompt, TokenizedSFT, load_prompts
 from stema.data.tokenize import IGNORE_INDEX
 from stema.generation import generate
@@ -91,6 +91,8 @@ def greedy_reward(model, tokenizer, items: Sequence[TokenizedPrompt], scorer: Sc
 
 def run(config: RSConfig) -> RSSummary:
     run_info = start_run(config, command="rs")
+    if run_info.world.distributed:
+        raise ConfigError(f"stema rs runs in one process (it samples with the rollout engine), not under torchrun with {run_info.world.world_size} processes")
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model.to(run_info.device)
     train_prompts, eval_items = load_splits(run_info, config.data, tokenizer, load_prompts)

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from stema.config import SPINConfig
+from stema.config import ConfigError, SPINConfig
 from stema.data import TokenizedPair, TokenizedSFT, collate_sft, load_sft_data
 from stema.data.tokenize import IGNORE_INDEX
 from stema.generation import sampling_params
@@ -102,6 +102,8 @@ def run(config: SPINConfig) -> dict:
     from stema.rollout import EngineRefitter, GenerationEngine
 
     run_info = start_run(config, command="spin")
+    if run_info.world.distributed:
+        raise ConfigError(f"stema spin runs in one process (it samples with the rollout engine), not under torchrun with {run_info.world.world_size} processes")
     (run_info.output_dir / "metrics.jsonl").unlink(missing_ok=True)  # rebuilt from the iterations' records
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model.to(run_info.device)

@@ -35,7 +35,8 @@ from stema.generation import write_jsonl_atomic
 from stema.models.loading import load_policy, load_tokenizer, resolve_model_path
 from stema.rewards import right_padded
 from stema.training import TrainResult
-from stema.training.setup import Run, fit, load_splits, report_data, seed_everything, start_run
+from stema.distributed import World
+from stema.training.setup import Run, fit, load_splits, place_model, report_data, seed_everything, start_run
 from stema.trainers.sft import SFTAlgorithm
 
 
@@ -61,7 +62,7 @@ def predict_attributes(model: torch.nn.Module, sequences: Sequence[Sequence[int]
 def _output_run(command: str, output: str) -> Run:
     """A Run for a command that writes one file (no training folder): say() and the device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Run(command=command, output_dir=Path(output).parent, device=device)
+    return Run(command=command, output_dir=Path(output).parent, device=device, world=World(role=command, device=device))
 
 
 def annotate(config: AnnotateConfig) -> Path:
@@ -105,7 +106,7 @@ def run(config: SteerLMConfig) -> TrainResult:
     """Step 3: attribute-conditioned SFT of `model` on `data` (see the module docstring)."""
     run_info = start_run(config, command="steerlm")
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
-    model.to(run_info.device)
+    model = place_model(run_info, config, model)
     load = functools.partial(load_steered_sft_data, min_value=config.steer.min_value, max_value=config.steer.max_value)
     train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load)
     algorithm = SFTAlgorithm(
