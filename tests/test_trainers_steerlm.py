@@ -48,9 +48,10 @@ def test_template_appends_the_line_to_the_last_user_message_or_the_text():
 
 
 def test_builtin_attribute_task_levels_get_strictly_longer():
-    for question in [(0, "+", 0), (99, "+", 99), (37, "-", 12), (5, "-", 5)]:
-        words = [builtin_attributes.measure_verbosity(builtin_attributes.answer_text(question, 198, level)) for level in range(5)]
+    for value in (0, 7, 85, 198):
+        words = [builtin_attributes.measure_verbosity(builtin_attributes.answer_text(value, level)) for level in range(5)]
         assert words == sorted(set(words)), words
+        assert all(builtin_attributes.final_number(builtin_attributes.answer_text(value, level)) == value for level in range(5))
     records = builtin_attributes.attribute_records(200)
     assert {record["verbosity"] for record in records} == {0.0, 1.0, 2.0, 3.0, 4.0}
     wrong = [record for record in records if record["correctness"] == 0.0]

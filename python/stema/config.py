@@ -462,7 +462,7 @@ class DemoConfig:
     ppo_steps: int = option(60, "PPO steps (each: generate, score, update, refit).")
     batch_size: int = option(32, "Global batch size of every stage.")
     progress_bar: bool = option(True, "Show progress bars.")
-    steerlm_steps: int = option(300, "SteerLM stage: attribute-conditioned SFT optimizer steps.")
+    steerlm_steps: int = option(500, "SteerLM stage: attribute-conditioned SFT optimizer steps.")
     steerlm_attribute_steps: int = option(100, "SteerLM stage: attribute-model (regression reward model) optimizer steps.")
     spin_iterations: int = option(2, "SPIN stage: self-play iterations.")
     spin_steps: int = option(100, "SPIN stage: optimizer steps per iteration.")

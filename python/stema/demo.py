@@ -217,6 +217,9 @@ def stage_ppo(demo: Demo) -> dict:
 STAGES: dict[str, Callable[[Demo], dict]] = {"sft": stage_sft, "rm": stage_rm, "dpo": stage_dpo, "ppo": stage_ppo}
 
 
+STEERLM_LR = 3e-3
+
+
 def stage_steerlm(demo: Demo) -> dict:
     """SteerLM on the built-in attribute task (`stema.data.builtin_attributes`): an attribute model
     (correctness, verbosity) from labelled answers, `annotate` on an unlabelled pool, SFT conditioned
@@ -252,7 +255,7 @@ def stage_steerlm(demo: Demo) -> dict:
     config = SteerLMConfig(
         model=ModelConfig(path=str(start)),
         data=DataConfig(train=str(annotated), attributes=["verbosity"], max_length=128),
-        optim=OptimConfig(lr=2e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1),
+        optim=OptimConfig(lr=STEERLM_LR, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1),
         trainer=demo.trainer_config("steerlm", steps=demo.config.steerlm_steps),
     )
     steerlm.run(config)

@@ -6,13 +6,13 @@ Attributes (`ATTRIBUTES`, in label order), on HelpSteer's 0..4 scale:
 - `correctness`: 4 when the answer's number is right, 0 when it is a plausible mistake
   (`stema.data.builtin.wrong_answer`); a quarter of the answers are wrong.
 - `verbosity`: the level the answer is written at, each level strictly more words than the one
-  below (`TEMPLATES`), for 37+48:
+  below and none needing more than the answer itself (`answer_text`), for 37+48:
 
       0  85
       1  It is 85.
       2  The answer is 85.
-      3  37 plus 48 equals 85.
-      4  Adding 37 and 48 gives 85, so the answer is 85.
+      3  So I think the answer is 85.
+      4  After working it out carefully, I think the answer is 85.
 
   The measured verbosity of any text is its word count (`measure_verbosity`), so the Spearman
   correlation between requested and measured verbosity over held-out prompts says how well a
@@ -44,21 +44,14 @@ WRONG_FRACTION = 0.25
 _NUMBER = re.compile(r"-?\d+")
 
 
-def answer_text(question: tuple[int, str, int], value: int, verbosity: int) -> str:
-    """`value` as the answer to `question` written at `verbosity` (0..4); see the module docstring."""
-    left, op, right = question
-    if verbosity == 0:
-        return str(value)
-    if verbosity == 1:
-        return f"It is {value}."
-    if verbosity == 2:
-        return f"The answer is {value}."
-    if verbosity == 3:
-        return f"{left} {'plus' if op == '+' else 'minus'} {right} equals {value}."
-    if verbosity == 4:
-        action = f"Adding {left} and {right}" if op == "+" else f"Subtracting {right} from {left}"
-        return f"{action} gives {value}, so the answer is {value}."
-    raise ValueError(f"verbosity must be in 0..{VERBOSITY_LEVELS - 1}, got {verbosity}")
+VERBOSITY_TEMPLATES = ("{}", "It is {}.", "The answer is {}.", "So I think the answer is {}.", "After working it out carefully, I think the answer is {}.")
+
+
+def answer_text(value: int, verbosity: int) -> str:
+    """`value` as an answer written at `verbosity` (0..4); see the module docstring."""
+    if not 0 <= verbosity < VERBOSITY_LEVELS:
+        raise ValueError(f"verbosity must be in 0..{VERBOSITY_LEVELS - 1}, got {verbosity}")
+    return VERBOSITY_TEMPLATES[verbosity].format(value)
 
 
 def measure_verbosity(text: str) -> int:
@@ -79,7 +72,7 @@ def _records(n: int, seed: int, *, heldout: bool, response_field: str, labelled:
         correct = rng.random() >= WRONG_FRACTION
         verbosity = rng.randrange(VERBOSITY_LEVELS)
         value = answer(question) if correct else wrong_answer(question, rng)
-        record = {"prompt": _user(question), response_field: [{"role": "assistant", "content": answer_text(question, value, verbosity)}]}
+        record = {"prompt": _user(question), response_field: [{"role": "assistant", "content": answer_text(value, verbosity)}]}
         if labelled:
             record.update(correctness=4.0 if correct else 0.0, verbosity=float(verbosity))
         records.append(record)
