@@ -107,6 +107,13 @@ class Roles:
                                      total_steps=total_steps, **backend)
         self.reward = start_role("reward", RewardWorker, config=config, cache_dir=cache_dir, **backend)
 
+    def score(self, prompts: list, generation, *, evaluation: bool = False):
+        """Future of the reward role's `[B]` scores of `generation`'s responses to `prompts` (TokenizedPrompts)."""
+        rollouts = generation.rollouts
+        return self.reward.submit(
+            RewardWorker.score, [p.prompt for p in prompts], generation.texts,
+            [r.prompt_token_ids for r in rollouts], [r.token_ids for r in rollouts], evaluation=evaluation)
+
     def reference_logprobs(self, batch):
         if self.reference is None:
             return self.actor.submit(ActorWorker.reference_logprobs, batch)
@@ -175,9 +182,7 @@ class PPOController:
         old_future = roles.actor.submit(ActorWorker.logprobs, inputs)
         ref_future = roles.reference_logprobs(inputs)
         value_future = roles.critic.submit(CriticWorker.values, inputs) if roles.critic else None
-        score_future = roles.reward.submit(
-            RewardWorker.score, [p.prompt for p in prompts], generation.texts,
-            [r.prompt_token_ids for r in rollouts], [r.token_ids for r in rollouts])
+        score_future = roles.score(prompts, generation)
         old_logprobs, ref_logprobs = old_future.result(), ref_future.result()
         values = value_future.result() if value_future else None
         raw_scores = score_future.result()
@@ -246,11 +251,8 @@ class PPOController:
         """Mean reward of greedy responses to the held-out prompts (exact-match accuracy for the built-in task)."""
         prompts = self.eval_prompts
         generation = self.roles.actor.submit(ActorWorker.generate, [p.input_ids for p in prompts], seed=0, greedy=True).result()
-        rollouts = generation.rollouts
-        scores = self.roles.reward.submit(
-            RewardWorker.score, [p.prompt for p in prompts], generation.texts,
-            [r.prompt_token_ids for r in rollouts], [r.token_ids for r in rollouts], evaluation=True).result()
-        lengths = [len(r.token_ids) for r in rollouts]
+        scores = self.roles.score(prompts, generation, evaluation=True).result()
+        lengths = [len(r.token_ids) for r in generation.rollouts]
         return {"reward": float(scores.mean()), "response_length": sum(lengths) / len(lengths)}
 
     # -- checkpoints ------------------------------------------------------------------------------

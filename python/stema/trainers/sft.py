@@ -14,7 +14,7 @@ As TRL's SFTTrainer, except that the denominator is always the global token coun
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,11 +91,12 @@ class SFTAlgorithm:
         return {"loss": totals["loss"], "perplexity": math.exp(min(totals["loss"], 50.0)), "tokens": tokens}
 
 
-def run(config: SFTConfig) -> TrainResult:
-    run_info = start_run(config, command="sft")
+def run(config: SFTConfig, *, command: str = "sft", load: Callable = load_sft_data) -> TrainResult:
+    """SFT under `config`; `load` reads the examples (`stema steerlm` passes its attribute-conditioned loader)."""
+    run_info = start_run(config, command=command)
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model = place_model(run_info, config, model)
-    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_sft_data)
+    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load)
     algorithm = SFTAlgorithm(
         pad_id=tokenizer.pad_token_id,
         packing=config.data.packing,

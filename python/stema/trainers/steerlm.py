@@ -36,8 +36,8 @@ from stema.models.loading import load_policy, load_tokenizer, resolve_model_path
 from stema.rewards import right_padded
 from stema.training import TrainResult
 from stema.distributed import World
-from stema.training.setup import Run, fit, load_splits, place_model, report_data, seed_everything, start_run
-from stema.trainers.sft import SFTAlgorithm
+from stema.training.setup import Run, report_data, seed_everything
+from stema.trainers import sft
 
 
 @torch.no_grad()
@@ -103,23 +103,10 @@ def annotate(config: AnnotateConfig) -> Path:
 
 
 def run(config: SteerLMConfig) -> TrainResult:
-    """Step 3: attribute-conditioned SFT of `model` on `data` (see the module docstring)."""
-    run_info = start_run(config, command="steerlm")
-    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
-    model = place_model(run_info, config, model)
+    """Step 3: attribute-conditioned SFT of `model` on `data` (see the module docstring): the SFT
+    recipe with the loader that puts each response's attributes into its prompt."""
     load = functools.partial(load_steered_sft_data, min_value=config.steer.min_value, max_value=config.steer.max_value)
-    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load)
-    algorithm = SFTAlgorithm(
-        pad_id=tokenizer.pad_token_id,
-        packing=config.data.packing,
-        max_length=config.data.max_length,
-        micro_batch_size=config.trainer.micro_batch_size,
-        attn_implementation=config.model.attn_implementation,
-    )
-    return fit(
-        run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm,
-        train_examples=train_examples, eval_examples=eval_examples,
-    )
+    return sft.run(config, command="steerlm", load=load)
 
 
 def generate(config: GenerateConfig) -> Path:
