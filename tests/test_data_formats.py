@@ -24,6 +24,7 @@ CASES = [
     ("sft", "prompt_completion", {"prompt": "2+2=", "completion": "4"}, SFTExample("2+2=", "4", "")),
     ("sft", "prompt_completion", {"prompt": [USER], "completion": [ANSWER]}, SFTExample([USER], [ANSWER], "")),
     ("sft", "input_output", {"input": "2+2=", "output": "4"}, SFTExample("2+2=", "4", "")),
+    ("sft", "prompt_response", {"prompt": "2+2=", "response": "4", "helpfulness": 3}, SFTExample("2+2=", "4", "")),
     ("sft", "text", {"text": "2+2=4"}, SFTExample("", "2+2=4", "")),
     ("preference", "preference", {"prompt": "2+2=", "chosen": "4", "rejected": "5", "margin": 2},
      PreferenceExample("2+2=", "4", "5", "", margin=2.0)),
@@ -103,7 +104,7 @@ def test_undetectable_format_lists_the_fields_seen_and_the_known_formats(tmp_pat
 
 
 def test_explicit_format_must_exist_and_fit_the_kind(tmp_path):
-    with pytest.raises(DataError, match=r"data.format: unknown format 'chatml'; sft formats are: auto, messages, conversations, prompt_completion, input_output, text"):
+    with pytest.raises(DataError, match=r"data.format: unknown format 'chatml'; sft formats are: auto, messages, conversations, prompt_completion, input_output, prompt_response, text"):
         parse_jsonl(tmp_path, [{"text": "a"}], "sft", format="chatml")
     with pytest.raises(DataError, match=r"data.format: 'messages' is a format for sft data, but preference data is read here"):
         parse_jsonl(tmp_path, [{"text": "a"}], "preference", format="messages")

@@ -96,6 +96,11 @@ def test_attribute_model_annotate_steerlm_and_steered_generation(tmp_path, small
     for row, original in zip(rows, source):
         assert row["prompt"] == original["prompt"] and row["completion"] == original["completion"]
         assert isinstance(row["correctness"], float) and isinstance(row["verbosity"], float)
+    # HelpSteer's layout (`prompt`, `response`) is read as it is and gets the same predictions.
+    helpsteer = write_jsonl(tmp_path / "helpsteer.jsonl", [{"prompt": r["prompt"], "response": r["completion"]} for r in source])
+    assert main(["annotate", f"model.path={tmp_path / 'rm' / 'hf'}", f"data.train={helpsteer}", names,
+                 f"annotate.output={tmp_path / 'helpsteer_annotated.jsonl'}"]) == 0
+    assert [json.loads(line) for line in (tmp_path / "helpsteer_annotated.jsonl").read_text().splitlines()] == rows
 
     assert main(["steerlm", f"model.path={small_model}", f"data.train={annotated}", "data.attributes=[verbosity]",
                  "trainer.max_steps=2", f"trainer.output_dir={tmp_path / 'steer'}", *SMALL_BATCH, *QUIET]) == 0

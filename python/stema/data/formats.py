@@ -8,6 +8,7 @@ Kinds and their formats (a record may carry extra fields; they are ignored):
 | sft | `conversations` (NeMo-Aligner, ShareGPT) | `conversations`: [{from, value}, ...], optional `system` |
 | sft | `prompt_completion` (TRL) | `prompt`, `completion`: strings, or lists of messages |
 | sft | `input_output` (NeMo-Aligner) | `input`, `output`: strings |
+| sft | `prompt_response` (HelpSteer) | `prompt`, `response`: strings, or lists of messages |
 | sft | `text` (TRL) | `text`: a string, loss on all of it |
 | preference | `preference` (TRL) | `prompt`, `chosen`, `rejected`: strings, or lists of messages |
 | preference | `implicit_preference` (TRL) | `chosen`, `rejected`: conversations sharing the prompt messages |
@@ -317,6 +318,12 @@ def _sft_prompt_completion(fields, location, attributes):
 def _sft_input_output(fields, location, attributes):
     prompt = _string(fields, "input", location, allow_empty=True)
     return SFTExample(prompt, _string(fields, "output", location, allow_empty=False), location)
+
+
+@register_format("prompt_response", kind="sft", fields=("prompt", "response"))
+def _sft_prompt_response(fields, location, attributes):
+    prompt = _text_or_messages(fields, "prompt", location, allow_empty=True)
+    return SFTExample(prompt, _response(fields, "response", location, prompt), location)
 
 
 @register_format("text", kind="sft", fields=("text",))
