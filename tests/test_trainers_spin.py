@@ -55,3 +55,24 @@ def test_spin_iterates_with_the_previous_iteration_as_reference(tmp_path, small_
     combined = read_metrics(out, "train")
     assert [(r["iteration"], r["step"]) for r in combined] == [(1, 1), (1, 2), (2, 3), (2, 4)]
     assert (out / "hf" / "config.json").is_file() and not (out / "iteration_1" / "hf").exists()
+
+
+def test_spin_resumed_after_an_iteration_ends_where_an_uninterrupted_run_ends(tmp_path, small_model, capsys):
+    """A run stopped after iteration 1 (here: a run of 1 iteration) and started again with
+    trainer.resume continues from iteration 1's last checkpoint: the same held-out numbers, the
+    same metrics and the same final weights as a run that never stopped."""
+    from safetensors.torch import load_file
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(["spin", f"model.path={small_model}", f"trainer.output_dir={whole}", *SMALL, "spin.iterations=2"]) == 0
+    assert main(["spin", f"model.path={small_model}", f"trainer.output_dir={resumed}", *SMALL, "spin.iterations=1"]) == 0
+    capsys.readouterr()
+    assert main(["spin", f"model.path={small_model}", f"trainer.output_dir={resumed}", *SMALL, "spin.iterations=2",
+                 "trainer.resume=true"]) == 0
+    assert "iteration 1: resumed from its checkpoint at step 2" in capsys.readouterr().err  # not trained again
+    summary = lambda out: json.loads((out / "spin_summary.json").read_text())["iterations"]
+    assert summary(resumed) == summary(whole)
+    strip = lambda records: [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "step_s")} for r in records]
+    assert strip(read_metrics(resumed, "train")) == strip(read_metrics(whole, "train"))
+    final_whole, final_resumed = load_file(whole / "hf" / "model.safetensors"), load_file(resumed / "hf" / "model.safetensors")
+    assert all(final_whole[name].equal(final_resumed[name]) for name in final_whole)

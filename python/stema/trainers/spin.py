@@ -20,9 +20,13 @@
    the iterations' training records in one `<output_dir>/metrics.jsonl` (steps counted from the
    start, tagged with the iteration), and export the final policy in Hugging Face format.
 
-Departures from the paper: the iterations train on the same prompts (the paper adds the previous
-iteration's synthetic data to the next); no resume across iterations (`trainer.resume` applies
-within the current iteration's folder only).
+`trainer.resume` continues a stopped run: every iteration runs again from step a, and its
+training (step d) continues from the newest checkpoint in its folder, so a finished iteration only
+reloads its final weights (its generations and reference log-probs are recomputed: they are
+deterministic, seeded by `sampling.seed` + t) and an unfinished one continues where it stopped.
+
+Departure from the paper: the iterations train on the same prompts (the paper adds the previous
+iteration's synthetic data to the next).
 """
 
 from __future__ import annotations
@@ -149,6 +153,8 @@ def run(config: SPINConfig) -> dict:
         )
         result = fit(run_info, dataclasses.replace(config, trainer=trainer), model=model, tokenizer=tokenizer, algorithm=algorithm,
                      train_examples=examples, eval_examples=None)
+        if result.resumed_from is not None:
+            run_info.say(f"iteration {iteration}: resumed from its checkpoint at step {result.resumed_from}")
         append_iteration_metrics(run_info.output_dir, trainer.output_dir, iteration=iteration, step_offset=steps_done)
         steps_done += result.step
         if eval_examples:
