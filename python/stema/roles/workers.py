@@ -441,6 +441,8 @@ class CriticWorker:
         from stema.models.value_head import token_values
 
         with autocast_context(self.config.trainer, self.device):
+            if self.world.distributed:
+                return _sharded_token_values(self.model, inputs["input_ids"], inputs["attention_mask"]).float()
             return token_values(self.model, inputs["input_ids"], inputs["attention_mask"]).float()
 
     @split_rows(merge=concat_rows)
@@ -492,6 +494,19 @@ class CriticWorker:
 
     def export(self, path: str, *, merge_lora: bool) -> str:
         return _export(self.model, self.tokenizer, self.world, path, merge_lora=merge_lora)
+
+
+def _sharded_token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`token_values` of an FSDP2-sharded classifier: `[B, T]`, the score head's per-position
+    output captured during the model's own forward (calling the backbone and head directly, as
+    `token_values` does, would skip the root's all-gather of the embeddings and the head)."""
+    captured = []
+    hook = model.score.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[0].squeeze(-1)  # [B, T, 1] -> [B, T]
 
 
 class RewardWorker:
