@@ -9,6 +9,8 @@
 
 One local Ray session (2 CPUs) serves the file."""
 
+import json
+import shutil
 import sys
 import time
 
@@ -20,9 +22,12 @@ from stema.config import ConfigError, DistributedConfig, PPOConfig, load_config
 from stema.distributed.role_model import BucketedRefitter, bucket_boundaries
 from stema.roles.groups import RowBlock, concat_rows, row_blocks, split_rows
 from stema.roles.handles import RoleError, start_role
+from stema.training.checkpoint import list_checkpoints
 from stema.training.logging import read_metrics
 
 ray = pytest.importorskip("ray")
+two_ranks = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                               reason="a 2-rank group on a GPU machine needs 2 GPUs (NCCL: one GPU per rank)")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ class RankProbe:
     def world_sum(self, value: float) -> float:
         import torch.distributed as dist
 
-        total = torch.tensor([value])
+        total = torch.tensor([value], device=self.world.device)
         dist.all_reduce(total)
         return float(total)
 
@@ -68,6 +73,7 @@ class RankProbe:
             time.sleep(seconds)
 
 
+@two_ranks
 def test_ray_group_splits_rows_gathers_in_order_and_names_a_failing_rank(ray_session):
     group = start_role("probe", RankProbe, backend="ray", workers=2, timeout_s=60)
     try:
@@ -103,25 +109,39 @@ PPO = [
     "data.train=builtin", "data.builtin_size=32", "data.max_length=32", "rollout.max_new_tokens=4", "rollout.max_batch=1",
     "trainer.global_batch_size=4", "trainer.micro_batch_size=1", "ppo.minibatch_size=2", "ppo.ppo_epochs=2",
     "reward.function=builtin", "trainer.max_steps=2", "trainer.progress_bar=false", "trainer.tensorboard=false",
-    "trainer.export_hf=false", "optim.lr=1e-3", "critic_optim.lr=1e-3",
+    "trainer.export_hf=false", "optim.lr=1e-3", "critic_optim.lr=1e-3", "trainer.save_every=1",
 ]
 GROUPS = ["roles.backend=ray", "roles.actor_workers=2", "roles.critic_workers=2", "distributed.timeout_s=60",
           "roles.call_timeout_s=120", "roles.refit_bucket_mb=0.01"]
 
 
-def test_ppo_with_ray_role_groups_of_two_fsdp_ranks_equals_local_roles(ray_session, tmp_path):
+KEYS = ("loss", "pg_loss", "grad_norm", "reward", "kl", "critic/vf_loss", "critic/grad_norm", "response_length",
+        "engine_logprob_mismatch_max")
+
+
+def train_records(out):
+    return [{k: r[k] for k in KEYS} for r in read_metrics(out, "train")]
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(ray_session, tmp_path_factory):
+    """The same 2-step PPO run with local roles and with Ray role groups (checkpoints every step)."""
+    root = tmp_path_factory.mktemp("ppo")
+    assert main(["ppo", f"trainer.output_dir={root / 'local'}", *PPO]) == 0
+    assert main(["ppo", f"trainer.output_dir={root / 'groups'}", *PPO, *GROUPS]) == 0
+    return root / "local", root / "groups"
+
+
+@two_ranks
+def test_ppo_with_ray_role_groups_of_two_fsdp_ranks_equals_local_roles(ppo_runs):
     """Actor and critic each 2 sharded ranks (minibatches of 2 rows drawn at random, so a rank
     sometimes holds none of a minibatch), reference and reward one actor each."""
     seed = PPOConfig().trainer.seed
     minibatches = [order[start : start + 2] for step in range(2) for offset in (0, 7)
                    for order in _epoch_orders(seed * 1_000_003 + step + offset) for start in (0, 2)]
     assert any(bool((minibatch < 2).all() or (minibatch >= 2).all()) for minibatch in minibatches)  # a 0-weight pass happens
-    assert main(["ppo", f"trainer.output_dir={tmp_path / 'local'}", *PPO]) == 0
-    assert main(["ppo", f"trainer.output_dir={tmp_path / 'groups'}", *PPO, *GROUPS]) == 0
-    keys = ("loss", "pg_loss", "grad_norm", "reward", "kl", "critic/vf_loss", "critic/grad_norm", "response_length",
-            "engine_logprob_mismatch_max")
-    local = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "local", "train")]
-    groups = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "groups", "train")]
+    local, groups = (train_records(out) for out in ppo_runs)
+    keys = KEYS
     assert len(groups) == len(local) == 2
     gaps = {k: max(abs(g[k] - l[k]) / max(1.0, abs(l[k])) for g, l in zip(groups, local)) for k in keys}
     print("largest relative difference over 2 steps: " + ", ".join(f"{k} {gap:.1e}" for k, gap in gaps.items()))
@@ -129,6 +149,22 @@ def test_ppo_with_ray_role_groups_of_two_fsdp_ranks_equals_local_roles(ray_sessi
         assert group_step == pytest.approx(local_step, rel=1e-5, abs=1e-6)
     # Step 2's rollouts came from engines refitted from the shards: same responses, same rewards.
     assert groups[1]["engine_logprob_mismatch_max"] < 1e-4
+
+
+@two_ranks
+def test_ray_role_groups_resume_from_their_gathered_checkpoint_onto_the_same_curve(ppo_runs, tmp_path):
+    """Step 1's checkpoint (each group's state gathered whole on rank 0) loaded into new groups
+    (each rank takes its shards of it): step 2 as in the straight run."""
+    _, groups = ppo_runs
+    shutil.copytree(groups / "checkpoints", tmp_path / "checkpoints")
+    for step, folder in list_checkpoints(tmp_path / "checkpoints"):
+        if step > 1:
+            shutil.rmtree(folder)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(groups) if r["step"] <= 1))
+    assert main(["ppo", f"trainer.output_dir={tmp_path}", *PPO, *GROUPS, "trainer.resume=true"]) == 0
+    resumed, straight = train_records(tmp_path), train_records(groups)
+    assert len(resumed) == 2
+    assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
 
 
 def _epoch_orders(seed: int) -> list[torch.Tensor]:

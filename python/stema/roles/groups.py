@@ -231,6 +231,9 @@ def start_group(role: str, worker_class: type, *, workers: int, timeout_s: float
 
     ensure_ray(ray_address)
     gpus = torch.cuda.is_available()
+    if gpus and ray.cluster_resources().get("GPU", 0) < workers:
+        raise RoleError(f"role {role}: {workers} ranks need a GPU each; the Ray cluster has "
+                        f"{ray.cluster_resources().get('GPU', 0):g}")
     group = placement_group(rank_bundles(workers, gpus=gpus), strategy="PACK")
     if not group.wait(timeout_seconds=timeout_s):
         raise RoleError(f"role {role}: Ray could not place {workers} ranks ({rank_bundles(1, gpus=gpus)[0]} each) "
