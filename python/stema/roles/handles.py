@@ -9,7 +9,9 @@ Calls name the worker's method itself (`ActorWorker.logprobs`), never a string, 
 AttributeError at the call site and editors follow the call. Each handle runs its calls one at a
 time, in submission order (a local handle on one thread of its own; a Ray actor is sequential by
 default), while different roles run concurrently: critic and reward inference overlap the actor's
-log-probs, as in NeMo-Aligner. Ray is imported only when a Ray handle is made.
+log-probs, as in NeMo-Aligner. Ray is imported only when a Ray handle is made. With `workers` > 1
+a role is a group of Ray actors forming one torch.distributed world behind the same `submit`
+(`stema.roles.groups`).
 """
 
 from __future__ import annotations
