@@ -235,6 +235,13 @@ class RolesConfig:
     )
     ray_address: str = option("", "Ray cluster to join ('auto', 'ray://host:port'); empty starts a local Ray.")
     call_timeout_s: float = option(1800.0, "Seconds a role call may take before the run stops with an error naming the role.")
+    actor_workers: int = option(1, "Ray actors running the actor as one torch.distributed world (FSDP2); > 1 needs backend ray.")
+    critic_workers: int = option(1, "Ray actors running the critic as one torch.distributed world (FSDP2); > 1 needs backend ray.")
+    placement: Literal["colocated", "disaggregated"] = option(
+        "colocated", "colocated: the rollout engines live in the actor's processes (KV cache freed while training); "
+        "disaggregated (engines in actors of their own) is not built yet."
+    )
+    refit_bucket_mb: float = option(512.0, "Most MiB of gathered weights a sharded actor's rank holds at once when it refits its engines.")
 
 
 @dataclass
@@ -670,6 +677,7 @@ def _validate_ppo(config: PPOConfig) -> None:
         raise ConfigError(f"rollout.samples_per_prompt: the {config.ppo.advantage} estimator needs at least 2 (got {config.rollout.samples_per_prompt})")
     if config.roles.reference == "lora" and not config.model.lora.enabled:
         raise ConfigError("roles.reference: 'lora' needs model.lora.enabled (the reference is the actor with adapters disabled)")
+    _validate_role_groups(config)
     for name, value in (("rollout.samples_per_prompt", config.rollout.samples_per_prompt), ("rollout.max_new_tokens", config.rollout.max_new_tokens),
                         ("rollout.max_batch", config.rollout.max_batch), ("rollout.num_engines", config.rollout.num_engines),
                         ("ppo.ppo_epochs", config.ppo.ppo_epochs)):
@@ -684,6 +692,28 @@ def _validate_ppo(config: PPOConfig) -> None:
         )
     if config.ppo.clip_ratio <= 0 or config.rollout.temperature <= 0:
         raise ConfigError("ppo.clip_ratio and rollout.temperature must be > 0")
+
+
+def _validate_role_groups(config: PPOConfig) -> None:
+    roles = config.roles
+    if roles.placement == "disaggregated":
+        raise ConfigError("roles.placement: 'disaggregated' (engines in Ray actors of their own) is not built yet; use 'colocated'")
+    if roles.refit_bucket_mb <= 0:
+        raise ConfigError(f"roles.refit_bucket_mb must be > 0, got {roles.refit_bucket_mb}")
+    sequences = config.trainer.global_batch_size * config.rollout.samples_per_prompt
+    for name, workers, lora in (("actor_workers", roles.actor_workers, config.model.lora.enabled),
+                                ("critic_workers", roles.critic_workers, config.critic.lora.enabled)):
+        if workers < 1:
+            raise ConfigError(f"roles.{name} must be >= 1, got {workers}")
+        if workers == 1:
+            continue
+        if roles.backend != "ray":
+            raise ConfigError(f"roles.{name}: {workers} workers need roles.backend ray")
+        if lora:
+            raise ConfigError(f"roles.{name}: LoRA is not supported with several workers per role yet; use 1")
+        if sequences % workers:
+            raise ConfigError(f"roles.{name}: {workers} workers must divide the rollout batch (trainer.global_batch_size x "
+                              f"rollout.samples_per_prompt = {sequences} sequences), each rank taking an equal share")
 
 
 def to_dict(config: Any) -> dict:

@@ -9,7 +9,9 @@ Calls name the worker's method itself (`ActorWorker.logprobs`), never a string, 
 AttributeError at the call site and editors follow the call. Each handle runs its calls one at a
 time, in submission order (a local handle on one thread of its own; a Ray actor is sequential by
 default), while different roles run concurrently: critic and reward inference overlap the actor's
-log-probs, as in NeMo-Aligner. Ray is imported only when a Ray handle is made.
+log-probs, as in NeMo-Aligner. Ray is imported only when a Ray handle is made. With `workers` > 1
+a role is a group of Ray actors forming one torch.distributed world behind the same `submit`
+(`stema.roles.groups`).
 """
 
 from __future__ import annotations
@@ -97,9 +99,17 @@ def ensure_ray(address: str = "") -> None:
         ray.init(address=address or None, include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
-def start_role(role: str, worker_class: type, *, backend: str, timeout_s: float, ray_address: str = "", **kwargs: Any):
+def start_role(role: str, worker_class: type, *, backend: str, timeout_s: float, ray_address: str = "", workers: int = 1,
+               **kwargs: Any):
     """A handle to `worker_class(**kwargs)`, built in this process ('local') or in a new Ray actor
-    ('ray'); construction errors surface here as RoleError naming the role."""
+    ('ray'); with `workers` > 1 (Ray only) a group of Ray actors forming one torch.distributed
+    world (`stema.roles.groups`). Construction errors surface here as RoleError naming the role."""
+    if workers > 1:
+        if backend != "ray":
+            raise ValueError(f"role {role}: {workers} workers need roles.backend ray")
+        from .groups import start_group
+
+        return start_group(role, worker_class, workers=workers, timeout_s=timeout_s, ray_address=ray_address, **kwargs)
     if backend == "local":
         try:
             return LocalHandle(role, worker_class(**kwargs), timeout_s=timeout_s)

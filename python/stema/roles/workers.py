@@ -9,6 +9,10 @@ only the config. Tensors cross role boundaries on the CPU (`stema.roles.experien
   with the clipped PPO loss. With `roles.reference: lora` it is also the reference (adapters off).
 - `CriticWorker`: the value model (a one-output sequence classifier, `token_values`), trained with
   the clipped value loss.
+- The actor and the critic may each run as a group of ranks (`roles.actor_workers`,
+  `roles.critic_workers`; `stema.roles.groups`): each rank joins the role's torch.distributed world
+  (`init_world`), shards its model with FSDP2, and data calls (`split_rows`) get a block of the
+  batch's rows. World size 1 (a local role, or one Ray actor) runs the same code on a plain model.
 - `ReferenceWorker`: a frozen copy of the starting policy (optionally kept in CPU memory between
   calls).
 - `RewardWorker`: a reward function (`module:function`) or a trained reward model.
@@ -16,6 +20,7 @@ only the config. Tensors cross role boundaries on the CPU (`stema.roles.experien
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +29,18 @@ from typing import Any, Callable, Sequence
 import torch
 
 from stema.config import OptimConfig, PPOConfig
+from stema.distributed import World, init_world
+from stema.distributed.parallelize import clip_grad_norm_, set_gradient_sync
+from stema.distributed.role_model import gathered_state, load_gathered_state, place_on_world
 from stema.losses.ppo import ppo_policy_loss, ppo_value_loss
 from stema.training.checkpoint import rng_state, set_rng_state
 from stema.training.loop import autocast_context
 from stema.training.optim import build_optimizer, build_scheduler
 from stema.training.setup import seed_everything
 
+from .colocation import kv_cache_held, release_kv_cache
 from .experience import model_inputs
+from .groups import RowBlock, concat_rows, rank_zero, row_blocks, split_rows
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,6 +60,18 @@ class GenerationResult:
     worker_seconds: list[float]
 
 
+def merge_generations(results: list[GenerationResult]) -> GenerationResult:
+    """The ranks' generations (each a block of the prompts) as one, in prompt order; the seconds
+    are the slowest rank's, the engines listed rank by rank."""
+    return GenerationResult(
+        rollouts=[rollout for result in results for rollout in result.rollouts],
+        texts=[text for result in results for text in result.texts],
+        seconds=max(result.seconds for result in results),
+        worker_prompts=[count for result in results for count in result.worker_prompts],
+        worker_seconds=[seconds for result in results for seconds in result.worker_seconds],
+    )
+
+
 class _Updater:
     """A trainable model with its AdamW and lr schedule, updated by PPO's minibatch passes.
 
@@ -57,36 +79,68 @@ class _Updater:
     random order, one optimizer step per minibatch of `minibatch_size` rows, each minibatch in
     micro-batches whose losses use the minibatch's token count as the denominator (so micro-batching
     does not change the result); the lr schedule steps once per PPO step.
+
+    In a role group each rank holds one block of the rows (`RowBlock`, the split of
+    `stema.roles.groups.row_blocks`). Every rank draws the same global order; a rank runs the
+    minibatch's rows that it holds; the denominator is the minibatch's token count over all ranks;
+    FSDP2 sums the ranks' gradients, so a step equals the one-process step. Every rank makes as
+    many micro-batch passes as the rank with the most rows of the minibatch (a rank with none left
+    runs one of its rows with weight 0), since each pass is a collective of the sharded model.
     """
 
-    def __init__(self, model: torch.nn.Module, optim_cfg: OptimConfig, *, total_steps: int, max_grad_norm: float):
+    def __init__(self, model: torch.nn.Module, optim_cfg: OptimConfig, *, total_steps: int, max_grad_norm: float, world: World):
         self.model = model
+        self.world = world
         self.optimizer = build_optimizer(model, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps=total_steps)
         self.max_grad_norm = max_grad_norm
 
-    def update(self, *, rows: int, action_mask: torch.Tensor, epochs: int, minibatch_size: int, micro_batch_size: int,
+    def _row_tokens(self, action_mask: torch.Tensor, rows: RowBlock) -> torch.Tensor:
+        """`[total]` action tokens of every row of the global batch (this rank knows its block)."""
+        counts = torch.zeros(rows.total, dtype=torch.int64, device=self.world.device)
+        counts[rows.start : rows.stop] = action_mask.sum(-1).to(self.world.device)
+        if self.world.dp_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts, group=self.world.mesh["dp"].get_group())
+        return counts.cpu()
+
+    def update(self, *, rows: RowBlock, action_mask: torch.Tensor, epochs: int, minibatch_size: int, micro_batch_size: int,
                seed: int, micro_loss: Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]]) -> dict[str, float]:
-        """Metrics averaged over the optimizer steps (each a sum of micro-batch contributions)."""
+        """Metrics averaged over the optimizer steps (each a sum of micro-batch contributions over
+        the ranks); `action_mask` is this rank's `[rows, L]`, `micro_loss` takes this rank's row
+        indices and the global denominator."""
+        blocks = row_blocks(rows.total, self.world.dp_size)
+        if blocks[self.world.dp_rank] != rows:
+            raise ValueError(f"{self.world.describe()}: got rows {rows}, expected {blocks[self.world.dp_rank]}")
+        row_tokens = self._row_tokens(action_mask, rows)
         generator = torch.Generator().manual_seed(seed)
-        minibatch_size = minibatch_size or rows
+        minibatch_size = minibatch_size or rows.total
         sums: dict[str, float] = {}
         steps = 0
         self.model.train()
         for _ in range(epochs):
-            order = torch.randperm(rows, generator=generator)
-            for start in range(0, rows, minibatch_size):
+            order = torch.randperm(rows.total, generator=generator)
+            for start in range(0, rows.total, minibatch_size):
                 minibatch = order[start : start + minibatch_size]
-                num_tokens = max(1, int(action_mask[minibatch].sum()))
+                num_tokens = max(1, int(row_tokens[minibatch].sum()))
+                mine = minibatch[(minibatch >= rows.start) & (minibatch < rows.stop)] - rows.start  # in draw order
+                passes = max(math.ceil(int(((minibatch >= b.start) & (minibatch < b.stop)).sum()) / micro_batch_size)
+                             for b in blocks)
                 totals: dict[str, float] = {}
-                for micro_start in range(0, len(minibatch), micro_batch_size):
-                    loss, metrics = micro_loss(minibatch[micro_start : micro_start + micro_batch_size], num_tokens)
+                for index in range(passes):
+                    part = mine[index * micro_batch_size : (index + 1) * micro_batch_size]
+                    set_gradient_sync(self.model, index == passes - 1)
+                    loss, metrics = micro_loss(part if len(part) else torch.zeros(1, dtype=torch.int64), num_tokens)
+                    if not len(part):  # a pass only to join the other ranks' collectives
+                        loss, metrics = loss * 0.0, {key: value * 0.0 for key, value in metrics.items()}
                     loss.backward()
                     for key, value in {"loss": loss.detach(), **metrics}.items():
                         totals[key] = totals.get(key, 0.0) + float(value)
+                totals = self.world.sum_over_data_parallel(totals)
                 if self.max_grad_norm > 0:
                     parameters = [p for p in self.model.parameters() if p.requires_grad]
-                    totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm))
+                    totals["grad_norm"] = float(clip_grad_norm_(parameters, self.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 for key, value in totals.items():
@@ -98,11 +152,18 @@ class _Updater:
         return metrics
 
     def state_dict(self) -> dict:
+        """The model's trainable weights, the optimizer and the schedule (a sharded model's
+        gathered whole on rank 0: a collective)."""
+        if self.world.distributed:
+            return {**gathered_state(self.model, self.optimizer), "scheduler": self.scheduler.state_dict()}
         return {"model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        load_trainable_state(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.world.distributed:
+            load_gathered_state(self.model, self.optimizer, state)
+        else:
+            load_trainable_state(self.model, state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
 
@@ -130,28 +191,43 @@ def _on(device: torch.device, batch: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 class ActorWorker:
-    """The policy: generation through its rollout engines, its own log-probs, the PPO update."""
+    """The policy: generation through its rollout engines, its own log-probs, the PPO update.
+
+    Placement is colocated: the engines live in this process, on its device; their KV caches are
+    held only while they generate (`stema.roles.colocation`). In a role group every rank has its
+    engines, generates its block of the prompts and refits them from the gathered shards
+    (`BucketedRefitter`, `roles.refit_bucket_mb` at a time)."""
 
     def __init__(self, *, config: PPOConfig, cache_dir: str, total_steps: int):
+        from stema.distributed.role_model import BucketedRefitter
         from stema.models.loading import load_policy
         from stema.rollout import EngineRefitter, GenerationEngine, RolloutPool
         from stema.training.logprobs import ReferenceModel
 
         seed_everything(config.trainer.seed)
         self.config = config
-        self.device = role_device()
-        self.model, self.tokenizer = load_policy(config.model, cache_dir=cache_dir)
-        self.model.to(self.device)
-        self.reference = ReferenceModel(self.model, adapters_disabled=True) if config.roles.reference == "lora" else None
-        self.updater = _Updater(self.model, config.optim, total_steps=total_steps, max_grad_norm=config.optim.max_grad_norm)
+        self.world = init_world(config.distributed, role="actor")
+        self.device = self.world.device
+        model, self.tokenizer = load_policy(config.model, cache_dir=cache_dir)
+        model.to(self.device)
         rollout = config.rollout
         dtype = None if rollout.engine_dtype == "auto" else _DTYPES[rollout.engine_dtype]
         max_total_len = config.data.max_length + rollout.max_new_tokens
+        # Built from the whole model, before it is sharded.
         self.engines = [
-            GenerationEngine.from_hf(self.model, dtype=dtype, max_batch=rollout.max_batch, max_total_len=max_total_len)
+            GenerationEngine.from_hf(model, dtype=dtype, max_batch=rollout.max_batch, max_total_len=max_total_len)
             for _ in range(rollout.num_engines)
         ]
-        self.refitters = [EngineRefitter(engine, self.model) for engine in self.engines]
+        release_kv_cache(self.engines)
+        self.model = place_on_world(model, self.world, config.distributed)
+        if self.world.distributed:
+            bucket_bytes = int(config.roles.refit_bucket_mb * 2**20)
+            self.refitters = [BucketedRefitter(engine, self.model, bucket_bytes=bucket_bytes) for engine in self.engines]
+        else:
+            self.refitters = [EngineRefitter(engine, self.model) for engine in self.engines]
+        self.reference = ReferenceModel(self.model, adapters_disabled=True) if config.roles.reference == "lora" else None
+        self.updater = _Updater(self.model, config.optim, total_steps=total_steps, max_grad_norm=config.optim.max_grad_norm,
+                                world=self.world)
         self.pool = RolloutPool(self.engines, max_batch=rollout.max_batch)
 
     def ready(self) -> bool:
@@ -160,9 +236,19 @@ class ActorWorker:
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, seed: int, greedy: bool = False) -> GenerationResult:
-        """Responses to the prompts (token lists) from the engines, load-balanced by the scheduler."""
+    @split_rows(merge=merge_generations, pass_block=True)
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, seed: int, greedy: bool = False,
+                 row_block: RowBlock | None = None) -> GenerationResult:
+        """Responses to the prompts (token lists) from the engines, load-balanced by the scheduler.
+        A rank of a group gets its `row_block` of the prompts and samples batch by batch with the
+        seed of the batch's first prompt's index in the whole list (so a rank's batches of
+        `rollout.max_batch` 1 sample exactly what one process samples)."""
         from stema.rollout import SamplingParams
+
+        if not prompt_token_ids:  # a rank of a group given no prompts
+            return GenerationResult(rollouts=[], texts=[], seconds=0.0, worker_prompts=[0] * len(self.engines),
+                                    worker_seconds=[0.0] * len(self.engines))
+        first = row_block.start if row_block is not None else 0
 
         rollout = self.config.rollout
         params = SamplingParams(
@@ -171,10 +257,11 @@ class ActorWorker:
             top_k=rollout.top_k,
             max_new_tokens=rollout.max_new_tokens,
             stop_strings=tuple(rollout.stop_strings),
-            seed=seed,
+            seed=seed + first,
         )
         started = time.perf_counter()
-        result = self.pool.generate([list(prompt) for prompt in prompt_token_ids], params, tokenizer=self.tokenizer)
+        with kv_cache_held(self.engines):
+            result = self.pool.generate([list(prompt) for prompt in prompt_token_ids], params, tokenizer=self.tokenizer)
         return GenerationResult(
             rollouts=result.batch.sequences,
             texts=[sequence.text for sequence in result.batch.sequences],
@@ -183,11 +270,13 @@ class ActorWorker:
             worker_seconds=[stats.seconds for stats in result.worker_stats],
         )
 
+    @split_rows(merge=concat_rows)
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`[B, L]` fp32 log-probs of the response tokens under the current policy (action layout)."""
         return _policy_logprobs(self.model, batch, self.config, self.device)
 
+    @split_rows(merge=concat_rows)
     @torch.no_grad()
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`[B, L]` log-probs under the reference: this policy with its LoRA adapters disabled."""
@@ -198,10 +287,12 @@ class ActorWorker:
         with disable_adapters(self.model):
             return _policy_logprobs(self.model, batch, self.config, self.device)
 
+    @split_rows(merge=rank_zero, pass_block=True)
     def train(self, batch: dict[str, torch.Tensor], *, advantages: torch.Tensor, old_logprobs: torch.Tensor,
-              ref_logprobs: torch.Tensor | None, kl_coef: float, step: int) -> dict[str, float]:
-        """One PPO step of the policy on the rollout batch, then the engines refitted in place.
-        Metrics: the loss terms of `ppo_policy_loss`, grad_norm, lr, refit_s."""
+              ref_logprobs: torch.Tensor | None, kl_coef: float, step: int, row_block: RowBlock | None = None) -> dict[str, float]:
+        """One PPO step of the policy on the rollout batch (a rank of a group: its `row_block` of
+        it), then the engines refitted in place. Metrics (of the whole batch): the loss terms of
+        `ppo_policy_loss`, grad_norm, lr, refit_s."""
         ppo, trainer = self.config.ppo, self.config.trainer
         device = self.device
         inputs = _on(device, model_inputs(batch))
@@ -224,7 +315,7 @@ class ActorWorker:
             )
 
         metrics = self.updater.update(
-            rows=len(batch["input_ids"]), action_mask=batch["action_mask"], epochs=ppo.ppo_epochs,
+            rows=row_block or RowBlock.whole(len(batch["input_ids"])), action_mask=batch["action_mask"], epochs=ppo.ppo_epochs,
             minibatch_size=ppo.minibatch_size, micro_batch_size=trainer.micro_batch_size,
             seed=trainer.seed * 1_000_003 + step, micro_loss=micro_loss,
         )
@@ -232,7 +323,7 @@ class ActorWorker:
         return metrics
 
     def refit(self) -> float:
-        """Copy the policy's weights into every engine in place; seconds taken."""
+        """Copy the policy's weights into every engine in place (every rank of a group); seconds taken."""
         started = time.perf_counter()
         for refitter in self.refitters:
             refitter.refit()
@@ -241,8 +332,14 @@ class ActorWorker:
         return time.perf_counter() - started
 
     def engine_buffer_addresses(self) -> list[dict[str, int]]:
-        """Each engine's buffer addresses (they never change across refits)."""
-        return [{name: tensor.data_ptr() for name, tensor in engine.buffers().items()} for engine in self.engines]
+        """Each engine's weight buffer addresses (refit writes into them; they never change)."""
+        return [{name: tensor.data_ptr() for name, tensor in engine.weights.buffers().items()} for engine in self.engines]
+
+    def engine_kv_cache_bytes(self) -> list[int]:
+        """Bytes each engine's KV cache holds now: 0 outside `generate` (colocated placement)."""
+        from .colocation import kv_cache_bytes
+
+        return [kv_cache_bytes(engine) for engine in self.engines]
 
     def state_dict(self) -> dict:
         return {"updater": self.updater.state_dict(), "rng": rng_state()}
@@ -253,9 +350,21 @@ class ActorWorker:
         self.refit()
 
     def export(self, path: str, *, merge_lora: bool) -> str:
-        from stema.models.loading import export_hf
+        return _export(self.model, self.tokenizer, self.world, path, merge_lora=merge_lora)
 
-        return str(export_hf(self.model, self.tokenizer, Path(path), merge_lora=merge_lora))
+
+def _export(model: torch.nn.Module, tokenizer: Any, world: World, path: str, *, merge_lora: bool) -> str:
+    """The model exported to `path` in Hugging Face format; a sharded model is gathered first (a
+    collective) and rank 0 writes it (the other ranks return '')."""
+    from stema.models.loading import export_hf
+
+    if world.distributed:
+        from stema.distributed.checkpoint import unsharded_copy
+
+        model = unsharded_copy(model)
+        if model is None:
+            return ""
+    return str(export_hf(model, tokenizer, Path(path), merge_lora=merge_lora))
 
 
 def _policy_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: PPOConfig, device: torch.device) -> torch.Tensor:
@@ -296,6 +405,7 @@ class ReferenceWorker:
     def ready(self) -> bool:
         return True
 
+    @split_rows(merge=concat_rows)
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`[B, L]` fp32 log-probs of the response tokens under the reference."""
@@ -316,11 +426,13 @@ class CriticWorker:
 
         seed_everything(config.trainer.seed + 1)
         self.config = config
-        self.device = role_device()
+        self.world = init_world(config.distributed, role="critic")
+        self.device = self.world.device
         critic_cfg = type(config.critic)(**{**vars(config.critic), "path": path})
-        self.model, self.tokenizer = load_reward_model(critic_cfg, num_labels=1, cache_dir=cache_dir, seed=config.trainer.seed)
-        self.model.to(self.device)
-        self.updater = _Updater(self.model, config.critic_optim, total_steps=total_steps, max_grad_norm=config.critic_optim.max_grad_norm)
+        model, self.tokenizer = load_reward_model(critic_cfg, num_labels=1, cache_dir=cache_dir, seed=config.trainer.seed)
+        self.model = place_on_world(model, self.world, config.distributed)
+        self.updater = _Updater(self.model, config.critic_optim, total_steps=total_steps,
+                                max_grad_norm=config.critic_optim.max_grad_norm, world=self.world)
 
     def ready(self) -> bool:
         return True
@@ -329,8 +441,11 @@ class CriticWorker:
         from stema.models.value_head import token_values
 
         with autocast_context(self.config.trainer, self.device):
+            if self.world.distributed:
+                return _sharded_token_values(self.model, inputs["input_ids"], inputs["attention_mask"]).float()
             return token_values(self.model, inputs["input_ids"], inputs["attention_mask"]).float()
 
+    @split_rows(merge=concat_rows)
     @torch.no_grad()
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`[B, L]` fp32 values (column t: the state after tokens 0..t, where action t is taken)."""
@@ -347,8 +462,11 @@ class CriticWorker:
         finally:
             self.model.train(was_training)
 
-    def train(self, batch: dict[str, torch.Tensor], *, old_values: torch.Tensor, returns: torch.Tensor, step: int) -> dict[str, float]:
-        """One PPO step of the critic on the rollout batch. Metrics: vf_loss, vf_clipfrac, grad_norm, lr."""
+    @split_rows(merge=rank_zero, pass_block=True)
+    def train(self, batch: dict[str, torch.Tensor], *, old_values: torch.Tensor, returns: torch.Tensor, step: int,
+              row_block: RowBlock | None = None) -> dict[str, float]:
+        """One PPO step of the critic on the rollout batch (a rank of a group: its `row_block`).
+        Metrics (of the whole batch): vf_loss, vf_clipfrac, grad_norm, lr."""
         ppo, trainer = self.config.ppo, self.config.trainer
         device = self.device
         inputs = _on(device, model_inputs(batch))
@@ -362,7 +480,7 @@ class CriticWorker:
                                   value_clip=ppo.value_clip, num_tokens=num_tokens)
 
         metrics = self.updater.update(
-            rows=len(batch["input_ids"]), action_mask=batch["action_mask"], epochs=ppo.ppo_epochs,
+            rows=row_block or RowBlock.whole(len(batch["input_ids"])), action_mask=batch["action_mask"], epochs=ppo.ppo_epochs,
             minibatch_size=ppo.minibatch_size, micro_batch_size=trainer.micro_batch_size,
             seed=trainer.seed * 1_000_003 + step + 7, micro_loss=micro_loss,
         )
@@ -375,9 +493,20 @@ class CriticWorker:
         self.updater.load_state_dict(state["updater"])
 
     def export(self, path: str, *, merge_lora: bool) -> str:
-        from stema.models.loading import export_hf
+        return _export(self.model, self.tokenizer, self.world, path, merge_lora=merge_lora)
 
-        return str(export_hf(self.model, self.tokenizer, Path(path), merge_lora=merge_lora))
+
+def _sharded_token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`token_values` of an FSDP2-sharded classifier: `[B, T]`, the score head's per-position
+    output captured during the model's own forward (calling the backbone and head directly, as
+    `token_values` does, would skip the root's all-gather of the embeddings and the head)."""
+    captured = []
+    hook = model.score.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[0].squeeze(-1)  # [B, T, 1] -> [B, T]
 
 
 class RewardWorker:

@@ -95,7 +95,8 @@ class Roles:
     def __init__(self, config: PPOConfig, run: Run, *, total_steps: int):
         backend = dict(backend=config.roles.backend, timeout_s=config.roles.call_timeout_s, ray_address=config.roles.ray_address)
         cache_dir = str(run.cache_dir)
-        self.actor = start_role("actor", ActorWorker, config=config, cache_dir=cache_dir, total_steps=total_steps, **backend)
+        self.actor = start_role("actor", ActorWorker, config=config, cache_dir=cache_dir, total_steps=total_steps,
+                                workers=config.roles.actor_workers, **backend)
         self.reference = None
         if config.roles.reference != "lora":
             self.reference = start_role("reference", ReferenceWorker, config=config, cache_dir=cache_dir,
@@ -104,7 +105,7 @@ class Roles:
         if needs_critic(config.ppo.advantage):
             path = critic_path(config, cache_dir=cache_dir)
             self.critic = start_role("critic", CriticWorker, config=config, cache_dir=cache_dir, path=path,
-                                     total_steps=total_steps, **backend)
+                                     total_steps=total_steps, workers=config.roles.critic_workers, **backend)
         self.reward = start_role("reward", RewardWorker, config=config, cache_dir=cache_dir, **backend)
 
     def score(self, prompts: list, generation, *, evaluation: bool = False):

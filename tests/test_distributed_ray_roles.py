@@ -1,0 +1,247 @@
+"""PPO roles as Ray actor groups, each group one torch.distributed world (gloo on the CPU):
+
+- a group handle splits the rows of data calls over the ranks and gathers the results in row
+  order, runs every other call on all ranks (rank 0's result), and a failing or slow rank ends the
+  call with a RoleError naming the role and the rank, long before the collective timeout;
+- PPO with the actor and the critic each 2 FSDP2-sharded ranks equals PPO with local roles;
+- the bucketed refit (whole tensors gathered a bucket at a time) fills every engine weight in
+  place, and a colocated engine holds its KV cache only while it generates.
+
+One local Ray session (2 CPUs) serves the file."""
+
+import json
+import shutil
+import sys
+import time
+
+import pytest
+import torch
+
+from stema.cli import main
+from stema.config import ConfigError, DistributedConfig, PPOConfig, load_config
+from stema.distributed.role_model import BucketedRefitter, bucket_boundaries
+from stema.roles.groups import RowBlock, concat_rows, row_blocks, split_rows
+from stema.roles.handles import RoleError, start_role
+from stema.training.checkpoint import list_checkpoints
+from stema.training.logging import read_metrics
+
+ray = pytest.importorskip("ray")
+two_ranks = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                               reason="a 2-rank group on a GPU machine needs 2 GPUs (NCCL: one GPU per rank)")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's worker class, in the Ray actors
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+class RankProbe:
+    """A tiny group worker: which rank saw which rows, a collective, a failure, a nap."""
+
+    def __init__(self):
+        from stema.distributed import init_world
+
+        self.world = init_world(DistributedConfig(timeout_s=60), role="probe")
+
+    @split_rows(merge=concat_rows, pass_block=True)
+    def tag_rows(self, rows: torch.Tensor, *, row_block: RowBlock | None = None) -> torch.Tensor:
+        """`[rows, 3]`: each row's value, this rank, the block start."""
+        tags = torch.tensor([[self.world.rank, row_block.start]] * len(rows))
+        return torch.cat([rows[:, None], tags], dim=1)
+
+    def world_sum(self, value: float) -> float:
+        import torch.distributed as dist
+
+        total = torch.tensor([value], device=self.world.device)
+        dist.all_reduce(total)
+        return float(total)
+
+    def fail_on(self, rank: int) -> None:
+        import torch.distributed as dist
+
+        if self.world.rank == rank:
+            raise ValueError(f"bad shard on rank {rank}")
+        dist.barrier()  # the others wait for it (up to the 60 s gloo timeout)
+
+    def nap(self, rank: int, seconds: float) -> None:
+        if self.world.rank == rank:
+            time.sleep(seconds)
+
+
+@two_ranks
+def test_ray_group_splits_rows_gathers_in_order_and_names_a_failing_rank(ray_session):
+    group = start_role("probe", RankProbe, backend="ray", workers=2, timeout_s=60)
+    try:
+        tagged = group.submit(RankProbe.tag_rows, torch.arange(5)).result()
+        assert tagged[:, 0].tolist() == [0, 1, 2, 3, 4]  # gathered in row order
+        assert tagged[:, 1].tolist() == [0, 0, 0, 1, 1]  # rank 0 took rows 0-2, rank 1 rows 3-4
+        assert tagged[:, 2].tolist() == [0, 0, 0, 3, 3]
+        assert group.submit(RankProbe.world_sum, 2.5).result() == 5.0  # every rank joined the collective
+        started = time.perf_counter()
+        with pytest.raises(RoleError, match=r"role probe rank 1: fail_on failed: ValueError: bad shard on rank 1"):
+            group.submit(RankProbe.fail_on, 1).result()
+        failed_after = time.perf_counter() - started
+        assert failed_after < 20  # rank 0 still waits in its barrier; the error did not
+    finally:
+        group.close()
+    group = start_role("probe", RankProbe, backend="ray", workers=2, timeout_s=60)
+    group.timeout_s = 1.0  # calls from now on (start-up had 60 s)
+    try:
+        with pytest.raises(RoleError, match=r"role probe: nap did not return within 1 s .*ranks still running: 1"):
+            group.submit(RankProbe.nap, 1, 30.0).result()
+    finally:
+        group.close()
+    print(f"a failing rank surfaced after {failed_after:.2f} s")
+
+
+def test_row_blocks_cover_the_batch_in_order():
+    assert row_blocks(5, 2) == [RowBlock(0, 3, 5), RowBlock(3, 5, 5)]
+    assert row_blocks(4, 2) == [RowBlock(0, 2, 4), RowBlock(2, 4, 4)]
+    assert [len(block) for block in row_blocks(7, 3)] == [3, 2, 2]
+
+
+PPO = [
+    "data.train=builtin", "data.builtin_size=32", "data.max_length=32", "rollout.max_new_tokens=4", "rollout.max_batch=1",
+    "trainer.global_batch_size=4", "trainer.micro_batch_size=1", "ppo.minibatch_size=2", "ppo.ppo_epochs=2",
+    "reward.function=builtin", "trainer.max_steps=2", "trainer.progress_bar=false", "trainer.tensorboard=false",
+    "trainer.export_hf=false", "optim.lr=1e-3", "critic_optim.lr=1e-3", "trainer.save_every=1",
+]
+GROUPS = ["roles.backend=ray", "roles.actor_workers=2", "roles.critic_workers=2", "distributed.timeout_s=60",
+          "roles.call_timeout_s=120", "roles.refit_bucket_mb=0.01"]
+
+
+KEYS = ("loss", "pg_loss", "grad_norm", "reward", "kl", "critic/vf_loss", "critic/grad_norm", "response_length",
+        "engine_logprob_mismatch_max")
+
+
+def train_records(out):
+    return [{k: r[k] for k in KEYS} for r in read_metrics(out, "train")]
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(ray_session, tmp_path_factory):
+    """The same 2-step PPO run with local roles and with Ray role groups (checkpoints every step)."""
+    root = tmp_path_factory.mktemp("ppo")
+    assert main(["ppo", f"trainer.output_dir={root / 'local'}", *PPO]) == 0
+    assert main(["ppo", f"trainer.output_dir={root / 'groups'}", *PPO, *GROUPS]) == 0
+    return root / "local", root / "groups"
+
+
+@two_ranks
+def test_ppo_with_ray_role_groups_of_two_fsdp_ranks_equals_local_roles(ppo_runs):
+    """Actor and critic each 2 sharded ranks (minibatches of 2 rows drawn at random, so a rank
+    sometimes holds none of a minibatch), reference and reward one actor each."""
+    seed = PPOConfig().trainer.seed
+    minibatches = [order[start : start + 2] for step in range(2) for offset in (0, 7)
+                   for order in _epoch_orders(seed * 1_000_003 + step + offset) for start in (0, 2)]
+    assert any(bool((minibatch < 2).all() or (minibatch >= 2).all()) for minibatch in minibatches)  # a 0-weight pass happens
+    local, groups = (train_records(out) for out in ppo_runs)
+    keys = KEYS
+    assert len(groups) == len(local) == 2
+    gaps = {k: max(abs(g[k] - l[k]) / max(1.0, abs(l[k])) for g, l in zip(groups, local)) for k in keys}
+    print("largest relative difference over 2 steps: " + ", ".join(f"{k} {gap:.1e}" for k, gap in gaps.items()))
+    for group_step, local_step in zip(groups, local):
+        assert group_step == pytest.approx(local_step, rel=1e-5, abs=1e-6)
+    # Step 2's rollouts came from engines refitted from the shards: same responses, same rewards.
+    assert groups[1]["engine_logprob_mismatch_max"] < 1e-4
+
+
+@two_ranks
+def test_ray_role_groups_resume_from_their_gathered_checkpoint_onto_the_same_curve(ppo_runs, tmp_path):
+    """Step 1's checkpoint (each group's state gathered whole on rank 0) loaded into new groups
+    (each rank takes its shards of it): step 2 as in the straight run."""
+    _, groups = ppo_runs
+    shutil.copytree(groups / "checkpoints", tmp_path / "checkpoints")
+    for step, folder in list_checkpoints(tmp_path / "checkpoints"):
+        if step > 1:
+            shutil.rmtree(folder)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(groups) if r["step"] <= 1))
+    assert main(["ppo", f"trainer.output_dir={tmp_path}", *PPO, *GROUPS, "trainer.resume=true"]) == 0
+    resumed, straight = train_records(tmp_path), train_records(groups)
+    assert len(resumed) == 2
+    assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
+
+
+def _epoch_orders(seed: int) -> list[torch.Tensor]:
+    """The row orders of the 2 PPO epochs of one update (`_Updater.update`'s draw)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randperm(4, generator=generator) for _ in range(2)]
+
+
+def test_ray_role_group_config_is_checked():
+    with pytest.raises(ConfigError, match="roles.actor_workers: 2 workers need roles.backend ray"):
+        load_config(PPOConfig, None, [*PPO, "roles.actor_workers=2"])
+    with pytest.raises(ConfigError, match=r"roles.critic_workers: 3 workers must divide the rollout batch .* = 4 sequences"):
+        load_config(PPOConfig, None, [*PPO, "roles.backend=ray", "roles.critic_workers=3"])
+    with pytest.raises(ConfigError, match="roles.placement: 'disaggregated' .* is not built yet"):
+        load_config(PPOConfig, None, [*PPO, "roles.placement=disaggregated"])
+
+
+def test_bucket_boundaries_keep_each_bucket_within_its_bytes():
+    assert bucket_boundaries([4, 4, 4, 10, 1, 1], 8) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert bucket_boundaries([4, 4], 1 << 20) == [(0, 2)]
+    assert bucket_boundaries([], 8) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_actor(tmp_path_factory):
+    from stema.roles.workers import ActorWorker
+
+    out = tmp_path_factory.mktemp("actor")
+    config = load_config(PPOConfig, None, [f"trainer.output_dir={out}", *PPO, "optim.lr=1e-2"])
+    return ActorWorker(config=config, cache_dir=str(out), total_steps=2)
+
+
+def test_bucketed_refit_fills_every_engine_weight_in_place_a_bucket_at_a_time(tiny_actor):
+    from stema.rollout import GenerationEngine
+
+    model, engine = tiny_actor.model, tiny_actor.engines[0]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    addresses = {name: tensor.data_ptr() for name, tensor in engine.weights.buffers().items()}
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    bucket_bytes = 3 * max(sizes)
+    refitter = BucketedRefitter(engine, model, bucket_bytes=bucket_bytes)
+    covered = [index for start, stop in refitter.buckets for index in range(start, stop)]
+    assert covered == list(range(len(refitter.targets))) and len(refitter.buckets) > 1
+    refitter.refit()
+    assert 0 < refitter.last_peak_bytes <= bucket_bytes
+    expected = GenerationEngine.from_hf(model, max_batch=1, max_total_len=8).weights.buffers()
+    for name, tensor in engine.weights.buffers().items():
+        assert torch.equal(tensor, expected[name]), name
+        assert tensor.data_ptr() == addresses[name], name
+    tiny_actor.refit()  # the actor's own plan still finds its buffers where it recorded them
+
+
+def test_colocated_engine_holds_its_kv_cache_only_while_generating(tiny_actor):
+    from stema.roles.experience import experience_tensors
+
+    engine = tiny_actor.engines[0]
+    held_during = []
+    generate = engine.generate
+
+    def recording_generate(*args, **kwargs):
+        held_during.append(tiny_actor.engine_kv_cache_bytes()[0])
+        return generate(*args, **kwargs)
+
+    engine.generate = recording_generate
+    prompts = [[1, 5, 6, 7], [1, 8, 9]]
+    assert tiny_actor.engine_kv_cache_bytes() == [0]  # released once the engine was built
+    first = tiny_actor.generate(prompts, seed=3)
+    capacity = engine.cache.tensor.numel() * engine.cache.tensor.element_size()
+    assert held_during and all(held == capacity > 0 for held in held_during)
+    assert tiny_actor.engine_kv_cache_bytes() == [0]  # freed after generate, so before train
+    batch = experience_tensors(first.rollouts, tiny_actor.pad_token_id())
+    advantages = torch.ones(batch["action_mask"].shape) * batch["action_mask"]
+    tiny_actor.train(batch, advantages=advantages, old_logprobs=tiny_actor.logprobs(batch), ref_logprobs=None, kl_coef=0.0, step=0)
+    assert tiny_actor.engine_kv_cache_bytes() == [0]
+    again = experience_tensors(tiny_actor.generate(prompts, seed=3).rollouts, tiny_actor.pad_token_id())
+    gap = (again["engine_logprobs"] - tiny_actor.logprobs(again))[again["action_mask"]].abs().max()  # a re-held cache works
+    assert float(gap) < 1e-4
+    print(f"KV cache: {capacity} bytes while generating, 0 after; engine vs trainer log-prob gap {float(gap):.1e}")
