@@ -84,13 +84,13 @@ class BucketedRefitter:
 
     def __init__(self, engine, model: torch.nn.Module, *, bucket_bytes: int):
         from stema.rollout.architecture import decoder_spec_from_hf, unwrap_hf_model
-        from stema.rollout.refit import _check_same_architecture, _weight_pairs
+        from stema.rollout.refit import check_same_architecture, weight_pairs
 
-        _check_same_architecture(engine.spec, decoder_spec_from_hf(model))
+        check_same_architecture(engine.spec, decoder_spec_from_hf(model))
         self.engine = engine
         self.model = model
         self.targets = [_Target(hf_name, module, attribute, view)
-                        for hf_name, module, attribute, _, view in _weight_pairs(unwrap_hf_model(model), engine)]
+                        for hf_name, module, attribute, _, view in weight_pairs(unwrap_hf_model(model), engine)]
         sizes = []
         for target in self.targets:
             parameter = getattr(target.module, target.attribute)

@@ -121,14 +121,14 @@ class EngineRefitter:
 
     def __init__(self, engine, trainer_model: torch.nn.Module):
         self.engine = engine
-        _check_same_architecture(engine.spec, decoder_spec_from_hf(trainer_model))
+        check_same_architecture(engine.spec, decoder_spec_from_hf(trainer_model))
         model = unwrap_hf_model(trainer_model)
         _check_device(engine, model)
         self.mapping: list[MappedWeight] = []
         self.lora_merges: list[LoraMerge] = []
         destinations: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
-        for hf_name, module, attribute, engine_slot, view in _weight_pairs(model, engine):
+        for hf_name, module, attribute, engine_slot, view in weight_pairs(model, engine):
             self.mapping.append(MappedWeight(hf_name, engine_slot))
             source = self._source(module, attribute, view, hf_name)
             _check_shape(view, source if source is not None else _base_layer(module).weight, hf_name, engine_slot)
@@ -169,7 +169,9 @@ class EngineRefitter:
         self.plan.apply()
 
 
-def _check_same_architecture(engine_spec, trainer_spec) -> None:
+def check_same_architecture(engine_spec, trainer_spec) -> None:
+    """Raise ValueError naming every field in which two `DecoderSpec`s differ (an engine and the
+    trainer model that refits it must agree in all of them)."""
     differing = [
         field.name
         for field in fields(engine_spec)
@@ -211,8 +213,9 @@ def _row_blocks(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     return blocks
 
 
-def _weight_pairs(model: torch.nn.Module, engine):
-    """Yields (hf_name, module, attribute, engine_slot, engine view) for every weight."""
+def weight_pairs(model: torch.nn.Module, engine):
+    """Yields (hf_name, module, attribute, engine_slot, engine view) for every weight of `model`
+    (the unwrapped causal LM) that `engine` holds, in the order refits copy them."""
     spec, weights = engine.spec, engine.weights
     d = spec.head_dim
     qkv_blocks = _row_blocks((spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d))
