@@ -101,5 +101,6 @@ def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
     if missing or result.unexpected_keys:
         raise RuntimeError(f"the gathered state does not fit {type(copy).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     restore_non_persistent_buffers(copy, torch.device("cpu"))
-    copy.generation_config = model.generation_config
+    if getattr(model, "generation_config", None) is not None:  # a causal LM's (a classifier has none)
+        copy.generation_config = model.generation_config
     return copy.eval()

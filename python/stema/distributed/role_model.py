@@ -4,13 +4,15 @@ gathered state that a role's checkpoint holds. World size 1 is the same calls on
     model = place_on_world(model, world, config.distributed)       # FSDP2 when the world has ranks
     refitter = BucketedRefitter(engine, model, bucket_bytes=256 << 20)
     refitter.refit()          # every rank: gathers bucket by bucket, copies into its engine in place
+    buckets = WeightBuckets(model, layout, bucket_bytes=256 << 20)   # the gathering alone, for
+    for start, stop, tensors in buckets.gathered(): ...              # engines in other processes
     state = gathered_state(model, optimizer)                        # rank 0: whole tensors on the CPU
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -59,27 +61,81 @@ def bucket_boundaries(sizes: list[int], bucket_bytes: int) -> list[tuple[int, in
 
 
 @dataclass(frozen=True)
-class _Target:
+class _Source:
     hf_name: str
     module: torch.nn.Module
     attribute: str
-    view: torch.Tensor  # the engine's buffer (or a view of a fused buffer) this weight fills
+
+
+class WeightBuckets:
+    """A (possibly FSDP2-sharded) trainer model's weights in an engine's refit order, gathered
+    whole a bucket at a time: a rank holds at most one bucket of gathered weights beyond its
+    shards (a tensor larger than the bucket is gathered alone).
+
+        buckets = WeightBuckets(model, layout, bucket_bytes=256 << 20)
+        for start, stop, tensors in buckets.gathered():   # every rank (each gather is a collective)
+            ...                                           # tensors: the whole weights layout[start:stop]
+
+    `layout` is [(hf_name, shape)], the engine's weights by Hugging Face name (`weight_pairs`
+    order); each name must be a parameter of `model` (the unwrapped causal LM) with that shape.
+
+    Attributes:
+        names: the layout's names, in order.
+        buckets: [(start, stop)] ranges of `names` gathered together.
+        last_peak_bytes: the largest bucket's gathered bytes in the last `gathered` pass (0 before one).
+    """
+
+    def __init__(self, model: torch.nn.Module, layout: list[tuple[str, tuple[int, ...]]], *, bucket_bytes: int):
+        from stema.rollout.architecture import unwrap_hf_model
+
+        unwrapped = unwrap_hf_model(model)
+        self.names = [name for name, _ in layout]
+        self._sources = []
+        sizes = []
+        for hf_name, shape in layout:
+            module_path, _, attribute = hf_name.rpartition(".")
+            try:
+                module = unwrapped.get_submodule(module_path)
+            except AttributeError:
+                raise ValueError(f"WeightBuckets: the engine's weight {hf_name} is not in the trainer model") from None
+            parameter = getattr(module, attribute, None)
+            if not isinstance(parameter, torch.Tensor):
+                raise ValueError(f"WeightBuckets: the engine's weight {hf_name} is not in the trainer model")
+            if tuple(parameter.shape) != tuple(shape):  # a DTensor's shape is its whole shape
+                raise ValueError(f"WeightBuckets: {hf_name} has shape {tuple(parameter.shape)} but the engine's "
+                                 f"has {tuple(shape)}")
+            self._sources.append(_Source(hf_name, module, attribute))
+            sizes.append(parameter.numel() * parameter.element_size())
+        self.buckets = bucket_boundaries(sizes, bucket_bytes)
+        self.last_peak_bytes = 0
+
+    @torch.no_grad()
+    def gathered(self) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        """(start, stop, whole tensors of names[start:stop]) bucket by bucket; every rank must
+        consume it to the end (each bucket's gather is a collective)."""
+        peak = 0
+        for start, stop in self.buckets:
+            # Looked up each time: FSDP2 swaps a module's registered parameters (sharded / unsharded).
+            tensors = [whole_tensor(getattr(source.module, source.attribute)) for source in self._sources[start:stop]]
+            peak = max(peak, sum(tensor.numel() * tensor.element_size() for tensor in tensors))
+            yield start, stop, tensors
+            del tensors
+        self.last_peak_bytes = peak
 
 
 class BucketedRefitter:
-    """Copies a (possibly FSDP2-sharded) trainer model's weights into a `GenerationEngine` in place,
-    gathering whole tensors a bucket at a time: a rank holds at most one bucket of gathered
-    weights beyond its shards and its engine (a tensor larger than the bucket is gathered alone).
+    """Copies a (possibly FSDP2-sharded) trainer model's weights into a `GenerationEngine` in the
+    same process, in place, a `WeightBuckets` bucket at a time: a rank holds at most one bucket of
+    gathered weights beyond its shards and its engine.
 
     The engine must have been built for the same architecture (e.g. `GenerationEngine.from_hf` on
     the model before it was sharded); the weight-to-engine mapping is the plain `EngineRefitter`'s
-    (`stema.rollout.refit`), and each bucket is copied (and cast) by the `refit_` kernel. LoRA
-    models are not handled here (they are refused when sharded).
+    (`stema.rollout.refit.weight_pairs`), and each bucket is copied (and cast) by the `refit_`
+    kernel. LoRA models are not handled here (they are refused when sharded).
 
     Attributes:
-        targets: every trainer weight and the engine view it fills, in refit order.
-        buckets: [(start, stop)] ranges of `targets` gathered together.
-        last_peak_bytes: the largest bucket's gathered bytes in the last `refit` (0 before one).
+        views: the engine view each weight of `weights.names` fills.
+        weights: the `WeightBuckets` (its `buckets` and `last_peak_bytes`).
     """
 
     def __init__(self, engine, model: torch.nn.Module, *, bucket_bytes: int):
@@ -88,33 +144,19 @@ class BucketedRefitter:
 
         check_same_architecture(engine.spec, decoder_spec_from_hf(model))
         self.engine = engine
-        self.model = model
-        self.targets = [_Target(hf_name, module, attribute, view)
-                        for hf_name, module, attribute, _, view in weight_pairs(unwrap_hf_model(model), engine)]
-        sizes = []
-        for target in self.targets:
-            parameter = getattr(target.module, target.attribute)
-            if tuple(parameter.shape) != tuple(target.view.shape):  # a DTensor's shape is its whole shape
-                raise ValueError(f"BucketedRefitter: {target.hf_name} has shape {tuple(parameter.shape)} but the engine "
-                                 f"view has {tuple(target.view.shape)}")
-            sizes.append(parameter.numel() * parameter.element_size())
-        self.buckets = bucket_boundaries(sizes, bucket_bytes)
-        self.last_peak_bytes = 0
+        pairs = [(hf_name, view) for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)]
+        self.views = [view for _, view in pairs]
+        self.weights = WeightBuckets(model, [(hf_name, tuple(view.shape)) for hf_name, view in pairs],
+                                     bucket_bytes=bucket_bytes)
 
     @torch.no_grad()
     def refit(self) -> None:
         """Write the model's current weights into the engine's buffers, bucket by bucket (every rank)."""
         from stema_kernels import refit_
 
-        peak = 0
-        for start, stop in self.buckets:
-            bucket = self.targets[start:stop]
-            # Looked up each time: FSDP2 swaps a module's registered parameters (sharded / unsharded).
-            sources = [whole_tensor(getattr(target.module, target.attribute)) for target in bucket]
-            peak = max(peak, sum(source.numel() * source.element_size() for source in sources))
-            refit_([target.view for target in bucket], [source.to(target.view.device) for source, target in zip(sources, bucket)])
-            del sources
-        self.last_peak_bytes = peak
+        for start, stop, tensors in self.weights.gathered():
+            views = self.views[start:stop]
+            refit_(views, [tensor.to(view.device) for tensor, view in zip(tensors, views)])
 
 
 def gathered_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
