@@ -5,7 +5,11 @@
   call with a RoleError naming the role and the rank, long before the collective timeout;
 - PPO with the actor and the critic each 2 FSDP2-sharded ranks equals PPO with local roles;
 - the bucketed refit (whole tensors gathered a bucket at a time) fills every engine weight in
-  place, and a colocated engine holds its KV cache only while it generates.
+  place, and a colocated engine holds its KV cache only while it generates;
+- disaggregated placement (2 FSDP2 actor ranks, the engines in a rollout worker of their own,
+  refitted over the object store) equals local roles, its engine buffers never move, and its
+  engine ends holding the exported actor's weights;
+- a sharded actor's `hf/` export loads in transformers and equals the local run's.
 
 One local Ray session (2 CPUs) serves the file."""
 
@@ -17,6 +21,7 @@ import time
 import pytest
 import torch
 
+import stema.trainers.ppo as ppo_trainer
 from stema.cli import main
 from stema.config import ConfigError, DistributedConfig, PPOConfig, load_config
 from stema.distributed.role_model import BucketedRefitter, bucket_boundaries
@@ -113,6 +118,8 @@ PPO = [
 ]
 GROUPS = ["roles.backend=ray", "roles.actor_workers=2", "roles.critic_workers=2", "distributed.timeout_s=60",
           "roles.call_timeout_s=120", "roles.refit_bucket_mb=0.01"]
+DISAGGREGATED = ["roles.backend=ray", "roles.actor_workers=2", "roles.placement=disaggregated", "roles.rollout_workers=1",
+                 "distributed.timeout_s=60", "roles.call_timeout_s=120", "roles.refit_bucket_mb=0.01"]
 
 
 KEYS = ("loss", "pg_loss", "grad_norm", "reward", "kl", "critic/vf_loss", "critic/grad_norm", "response_length",
@@ -125,11 +132,39 @@ def train_records(out):
 
 @pytest.fixture(scope="module")
 def ppo_runs(ray_session, tmp_path_factory):
-    """The same 2-step PPO run with local roles and with Ray role groups (checkpoints every step)."""
+    """The same 2-step PPO run with local roles and with Ray role groups (checkpoints every step,
+    the actor exported to hf/)."""
     root = tmp_path_factory.mktemp("ppo")
-    assert main(["ppo", f"trainer.output_dir={root / 'local'}", *PPO]) == 0
-    assert main(["ppo", f"trainer.output_dir={root / 'groups'}", *PPO, *GROUPS]) == 0
+    assert main(["ppo", f"trainer.output_dir={root / 'local'}", *PPO, "trainer.export_hf=true"]) == 0
+    assert main(["ppo", f"trainer.output_dir={root / 'groups'}", *PPO, *GROUPS, "trainer.export_hf=true"]) == 0
     return root / "local", root / "groups"
+
+
+@pytest.fixture(scope="module")
+def disaggregated_run(ray_session, tmp_path_factory):
+    """The PPO run with disaggregated placement, and what its rollout worker showed before the
+    first refit and after the last: {"addresses": [...], "engine_weights": ...}."""
+    from stema.roles.disaggregated import RolloutWorker
+
+    seen = {}
+
+    class WatchedRoles(ppo_trainer.Roles):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["addresses"] = [self.rollout.submit(RolloutWorker.engine_buffer_addresses).result()]
+
+        def close(self):
+            seen["addresses"].append(self.rollout.submit(RolloutWorker.engine_buffer_addresses).result())
+            seen["engine_weights"] = self.rollout.submit(RolloutWorker.engine_weights).result()
+            super().close()
+
+    out = tmp_path_factory.mktemp("ppo") / "disaggregated"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ppo_trainer, "Roles", WatchedRoles)
+        started = time.perf_counter()
+        assert main(["ppo", f"trainer.output_dir={out}", *PPO, *DISAGGREGATED, "trainer.export_hf=true"]) == 0
+        seen["seconds"] = time.perf_counter() - started
+    return out, seen
 
 
 @two_ranks
@@ -167,6 +202,52 @@ def test_ray_role_groups_resume_from_their_gathered_checkpoint_onto_the_same_cur
     assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
 
 
+@two_ranks
+def test_ppo_with_disaggregated_rollout_workers_equals_local_roles(ppo_runs, disaggregated_run):
+    """Actor 2 FSDP2 ranks without engines, one rollout worker holding the engine, refitted over
+    the object store after each update in buckets of 0.01 MiB: the same metrics as local roles,
+    the engine's buffers where they were before the first refit, and after the last refit the
+    engine holds exactly what an engine built from the exported actor holds."""
+    from transformers import AutoModelForCausalLM
+
+    from stema.rollout import GenerationEngine
+
+    local, _ = ppo_runs
+    out, seen = disaggregated_run
+    disaggregated, straight = train_records(out), train_records(local)
+    assert len(disaggregated) == len(straight) == 2
+    gaps = {k: max(abs(d[k] - l[k]) / max(1.0, abs(l[k])) for d, l in zip(disaggregated, straight)) for k in KEYS}
+    print(f"disaggregated run {seen['seconds']:.1f} s; largest relative difference to local over 2 steps: "
+          + ", ".join(f"{k} {gap:.1e}" for k, gap in gaps.items()))
+    for disaggregated_step, local_step in zip(disaggregated, straight):
+        assert disaggregated_step == pytest.approx(local_step, rel=1e-5, abs=1e-6)
+    assert disaggregated[1]["engine_logprob_mismatch_max"] < 1e-4  # step 2 sampled from the refitted engine
+    before, after = seen["addresses"]
+    assert before == after and len(before[0]) >= 5
+    exported = AutoModelForCausalLM.from_pretrained(out / "hf")
+    expected = GenerationEngine.from_hf(exported, max_batch=1, max_total_len=8).weights.buffers()
+    engine = seen["engine_weights"][0]
+    assert set(engine) == set(expected)
+    for name, tensor in engine.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@two_ranks
+def test_a_sharded_actor_exports_the_hf_model_of_the_local_run(ppo_runs, disaggregated_run):
+    """hf/ written from the 2-rank actor (gathered from its shards; also with disaggregated
+    placement) loads in transformers and holds the local run's weights."""
+    from transformers import AutoModelForCausalLM
+
+    (local, groups), (disaggregated, _) = ppo_runs, disaggregated_run
+    reference = AutoModelForCausalLM.from_pretrained(local / "hf").state_dict()
+    for out in (groups, disaggregated):
+        exported = AutoModelForCausalLM.from_pretrained(out / "hf").state_dict()
+        assert set(exported) == set(reference)
+        gap = max(float((exported[name] - reference[name]).abs().max()) for name in reference)
+        print(f"{out.name}: largest weight difference to the local export {gap:.1e} over {len(reference)} tensors")
+        assert gap <= 1e-6
+
+
 def _epoch_orders(seed: int) -> list[torch.Tensor]:
     """The row orders of the 2 PPO epochs of one update (`_Updater.update`'s draw)."""
     generator = torch.Generator().manual_seed(seed)
@@ -178,8 +259,13 @@ def test_ray_role_group_config_is_checked():
         load_config(PPOConfig, None, [*PPO, "roles.actor_workers=2"])
     with pytest.raises(ConfigError, match=r"roles.critic_workers: 3 workers must divide the rollout batch .* = 4 sequences"):
         load_config(PPOConfig, None, [*PPO, "roles.backend=ray", "roles.critic_workers=3"])
-    with pytest.raises(ConfigError, match="roles.placement: 'disaggregated' .* is not built yet"):
+    with pytest.raises(ConfigError, match="roles.placement: 'disaggregated' .* needs roles.backend ray"):
         load_config(PPOConfig, None, [*PPO, "roles.placement=disaggregated"])
+    with pytest.raises(ConfigError, match="roles.rollout_workers: 2 rollout workers need roles.placement disaggregated"):
+        load_config(PPOConfig, None, [*PPO, "roles.backend=ray", "roles.rollout_workers=2"])
+    with pytest.raises(ConfigError, match="roles.placement: 'disaggregated' does not refit LoRA policies yet"):
+        load_config(PPOConfig, None, [*PPO, *DISAGGREGATED, "model.lora.enabled=true"])
+    assert load_config(PPOConfig, None, [*PPO, *DISAGGREGATED, "roles.rollout_workers=3"]).roles.rollout_workers == 3
 
 
 def test_bucket_boundaries_keep_each_bucket_within_its_bytes():
@@ -208,10 +294,11 @@ def test_bucketed_refit_fills_every_engine_weight_in_place_a_bucket_at_a_time(ti
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
     bucket_bytes = 3 * max(sizes)
     refitter = BucketedRefitter(engine, model, bucket_bytes=bucket_bytes)
-    covered = [index for start, stop in refitter.buckets for index in range(start, stop)]
-    assert covered == list(range(len(refitter.targets))) and len(refitter.buckets) > 1
+    buckets = refitter.weights.buckets
+    covered = [index for start, stop in buckets for index in range(start, stop)]
+    assert covered == list(range(len(refitter.views))) and len(buckets) > 1
     refitter.refit()
-    assert 0 < refitter.last_peak_bytes <= bucket_bytes
+    assert 0 < refitter.weights.last_peak_bytes <= bucket_bytes
     expected = GenerationEngine.from_hf(model, max_batch=1, max_total_len=8).weights.buffers()
     for name, tensor in engine.weights.buffers().items():
         assert torch.equal(tensor, expected[name]), name
@@ -245,3 +332,44 @@ def test_colocated_engine_holds_its_kv_cache_only_while_generating(tiny_actor):
     gap = (again["engine_logprobs"] - tiny_actor.logprobs(again))[again["action_mask"]].abs().max()  # a re-held cache works
     assert float(gap) < 1e-4
     print(f"KV cache: {capacity} bytes while generating, 0 after; engine vs trainer log-prob gap {float(gap):.1e}")
+
+
+def test_two_rollout_workers_split_the_prompts_and_take_every_bucket_in_place(ray_session, tmp_path):
+    """The rollout role with 2 workers: prompts split by rows sample what one worker samples
+    (rollout.max_batch 1); a refit from a changed policy, sent bucket by bucket through the object
+    store, leaves both workers' engines equal to an engine built from that policy, in the same
+    buffers."""
+    from stema.distributed import World
+    from stema.models.loading import load_policy
+    from stema.roles.disaggregated import RemoteEngineRefitter, RolloutWorker, engine_receivers, start_rollout_role
+    from stema.rollout import GenerationEngine
+
+    config = load_config(PPOConfig, None, [f"trainer.output_dir={tmp_path}", *PPO, *DISAGGREGATED, "roles.rollout_workers=2"])
+    one_worker = RolloutWorker(config=config, cache_dir=str(tmp_path))
+    rollout = start_rollout_role(config, cache_dir=str(tmp_path), timeout_s=60)
+    try:
+        prompts = [[1, 5, 6, 7], [1, 8, 9], [1, 10], [1, 11, 12, 13, 14], [1, 7, 7]]
+        split = rollout.submit(RolloutWorker.generate, prompts, seed=3).result()
+        whole = one_worker.generate(prompts, seed=3)
+        assert split.worker_prompts == [3, 2] and whole.worker_prompts == [5]
+        assert [r.token_ids for r in split.rollouts] == [r.token_ids for r in whole.rollouts]
+
+        policy, _ = load_policy(config.model, cache_dir=str(tmp_path))
+        with torch.no_grad():
+            for parameter in policy.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+        def on_each_worker(method):
+            return [ray.get(member.call.remote(method, (), {})) for member in rollout.members]
+
+        before = on_each_worker(RolloutWorker.engine_buffer_addresses)
+        refitter = RemoteEngineRefitter(policy, engine_receivers(rollout, timeout_s=60), bucket_bytes=4096,
+                                        world=World(role="actor"))
+        refitter.refit()
+        assert refitter.sent_buckets == len(refitter.weights.buckets) > 1
+        expected = GenerationEngine.from_hf(policy, max_batch=1, max_total_len=8).weights.buffers()
+        for engines in on_each_worker(RolloutWorker.engine_weights):  # each worker's, not only rank 0's
+            assert all(torch.equal(engines[0][name], expected[name]) for name in expected)
+        assert on_each_worker(RolloutWorker.engine_buffer_addresses) == before
+        print(f"rollout refit: {refitter.sent_buckets} buckets of <= 4096 bytes to 2 workers")
+    finally:
+        rollout.close()

@@ -239,8 +239,10 @@ class RolesConfig:
     critic_workers: int = option(1, "Ray actors running the critic as one torch.distributed world (FSDP2); > 1 needs backend ray.")
     placement: Literal["colocated", "disaggregated"] = option(
         "colocated", "colocated: the rollout engines live in the actor's processes (KV cache freed while training); "
-        "disaggregated (engines in actors of their own) is not built yet."
+        "disaggregated: they live in roles.rollout_workers Ray actors of their own, on their own devices, refitted "
+        "from the actor after every update (needs backend ray)."
     )
+    rollout_workers: int = option(1, "Ray actors holding only rollout engines (placement disaggregated); prompts are split among them by rows.")
     refit_bucket_mb: float = option(512.0, "Most MiB of gathered weights a sharded actor's rank holds at once when it refits its engines.")
 
 
@@ -696,8 +698,17 @@ def _validate_ppo(config: PPOConfig) -> None:
 
 def _validate_role_groups(config: PPOConfig) -> None:
     roles = config.roles
+    if roles.rollout_workers < 1:
+        raise ConfigError(f"roles.rollout_workers must be >= 1, got {roles.rollout_workers}")
+    if roles.placement == "colocated" and roles.rollout_workers > 1:
+        raise ConfigError(f"roles.rollout_workers: {roles.rollout_workers} rollout workers need roles.placement "
+                          "disaggregated (colocated engines live in the actor's processes)")
     if roles.placement == "disaggregated":
-        raise ConfigError("roles.placement: 'disaggregated' (engines in Ray actors of their own) is not built yet; use 'colocated'")
+        if roles.backend != "ray":
+            raise ConfigError("roles.placement: 'disaggregated' puts the engines in Ray actors of their own; it needs roles.backend ray")
+        if config.model.lora.enabled:
+            raise ConfigError("roles.placement: 'disaggregated' does not refit LoRA policies yet (the buckets carry whole "
+                              "weights, not merged adapters); use 'colocated' with model.lora")
     if roles.refit_bucket_mb <= 0:
         raise ConfigError(f"roles.refit_bucket_mb must be > 0, got {roles.refit_bucket_mb}")
     sequences = config.trainer.global_batch_size * config.rollout.samples_per_prompt

@@ -7,6 +7,8 @@ only the config. Tensors cross role boundaries on the CPU (`stema.roles.experien
 - `ActorWorker`: the policy, its optimizer and its rollout engines (STEMA's generation engine,
   refitted in place from the policy after every update); generates, scores its own tokens, trains
   with the clipped PPO loss. With `roles.reference: lora` it is also the reference (adapters off).
+  With `roles.placement: disaggregated` it holds no engines: the rollout role does
+  (`stema.roles.disaggregated.RolloutWorker`), and the actor's refit sends it the weights.
 - `CriticWorker`: the value model (a one-output sequence classifier, `token_values`), trained with
   the clipped value loss.
 - The actor and the critic may each run as a group of ranks (`roles.actor_workers`,
@@ -69,6 +71,51 @@ def merge_generations(results: list[GenerationResult]) -> GenerationResult:
         seconds=max(result.seconds for result in results),
         worker_prompts=[count for result in results for count in result.worker_prompts],
         worker_seconds=[seconds for result in results for seconds in result.worker_seconds],
+    )
+
+
+def build_engines(model: torch.nn.Module, config: PPOConfig) -> list:
+    """`rollout.num_engines` `GenerationEngine`s holding copies of `model`'s weights, in
+    `rollout.engine_dtype`, sized for `rollout.max_batch` prompts of `data.max_length` tokens plus
+    `rollout.max_new_tokens`."""
+    from stema.rollout import GenerationEngine
+
+    rollout = config.rollout
+    dtype = None if rollout.engine_dtype == "auto" else _DTYPES[rollout.engine_dtype]
+    max_total_len = config.data.max_length + rollout.max_new_tokens
+    return [GenerationEngine.from_hf(model, dtype=dtype, max_batch=rollout.max_batch, max_total_len=max_total_len)
+            for _ in range(rollout.num_engines)]
+
+
+def generate_with_pool(pool, tokenizer: Any, config: PPOConfig, prompt_token_ids: Sequence[Sequence[int]], *, seed: int,
+                       greedy: bool, first: int) -> GenerationResult:
+    """Responses to the prompts from a `RolloutPool` under `config.rollout`'s sampling settings.
+    `first` is the index of the block's first prompt in the whole list (one rank's or rollout
+    worker's block): each batch samples with `seed` + its first prompt's index in the whole list,
+    so with `rollout.max_batch` 1 a block samples exactly what one process sampling the whole list
+    does."""
+    from stema.rollout import SamplingParams
+
+    if not prompt_token_ids:  # a rank or worker given no prompts
+        return GenerationResult(rollouts=[], texts=[], seconds=0.0, worker_prompts=[0] * len(pool.engines),
+                                worker_seconds=[0.0] * len(pool.engines))
+    rollout = config.rollout
+    params = SamplingParams(
+        temperature=0.0 if greedy else rollout.temperature,
+        top_p=rollout.top_p,
+        top_k=rollout.top_k,
+        max_new_tokens=rollout.max_new_tokens,
+        stop_strings=tuple(rollout.stop_strings),
+        seed=seed + first,
+    )
+    started = time.perf_counter()
+    result = pool.generate([list(prompt) for prompt in prompt_token_ids], params, tokenizer=tokenizer)
+    return GenerationResult(
+        rollouts=result.batch.sequences,
+        texts=[sequence.text for sequence in result.batch.sequences],
+        seconds=time.perf_counter() - started,
+        worker_prompts=[stats.prompts for stats in result.worker_stats],
+        worker_seconds=[stats.seconds for stats in result.worker_stats],
     )
 
 
@@ -193,15 +240,19 @@ def _on(device: torch.device, batch: dict[str, torch.Tensor]) -> dict[str, torch
 class ActorWorker:
     """The policy: generation through its rollout engines, its own log-probs, the PPO update.
 
-    Placement is colocated: the engines live in this process, on its device; their KV caches are
-    held only while they generate (`stema.roles.colocation`). In a role group every rank has its
-    engines, generates its block of the prompts and refits them from the gathered shards
-    (`BucketedRefitter`, `roles.refit_bucket_mb` at a time)."""
+    Placement colocated (no `engine_receivers`): the engines live in this process, on its device;
+    their KV caches are held only while they generate (`stema.roles.colocation`). In a role group
+    every rank has its engines, generates its block of the prompts and refits them from the
+    gathered shards (`BucketedRefitter`, `roles.refit_bucket_mb` at a time).
 
-    def __init__(self, *, config: PPOConfig, cache_dir: str, total_steps: int):
+    Placement disaggregated (`engine_receivers`, `stema.roles.disaggregated.EngineReceivers`): no
+    engines here; `refit` gathers the weights bucket by bucket and sends each bucket to the rollout
+    workers (`RemoteEngineRefitter`), and generation is the rollout role's."""
+
+    def __init__(self, *, config: PPOConfig, cache_dir: str, total_steps: int, engine_receivers: Any = None):
         from stema.distributed.role_model import BucketedRefitter
         from stema.models.loading import load_policy
-        from stema.rollout import EngineRefitter, GenerationEngine, RolloutPool
+        from stema.rollout import EngineRefitter, RolloutPool
         from stema.training.logprobs import ReferenceModel
 
         seed_everything(config.trainer.seed)
@@ -210,25 +261,23 @@ class ActorWorker:
         self.device = self.world.device
         model, self.tokenizer = load_policy(config.model, cache_dir=cache_dir)
         model.to(self.device)
-        rollout = config.rollout
-        dtype = None if rollout.engine_dtype == "auto" else _DTYPES[rollout.engine_dtype]
-        max_total_len = config.data.max_length + rollout.max_new_tokens
+        bucket_bytes = int(config.roles.refit_bucket_mb * 2**20)
         # Built from the whole model, before it is sharded.
-        self.engines = [
-            GenerationEngine.from_hf(model, dtype=dtype, max_batch=rollout.max_batch, max_total_len=max_total_len)
-            for _ in range(rollout.num_engines)
-        ]
+        self.engines = [] if engine_receivers is not None else build_engines(model, config)
         release_kv_cache(self.engines)
         self.model = place_on_world(model, self.world, config.distributed)
-        if self.world.distributed:
-            bucket_bytes = int(config.roles.refit_bucket_mb * 2**20)
+        if engine_receivers is not None:
+            from .disaggregated import RemoteEngineRefitter
+
+            self.refitters = [RemoteEngineRefitter(self.model, engine_receivers, bucket_bytes=bucket_bytes, world=self.world)]
+        elif self.world.distributed:
             self.refitters = [BucketedRefitter(engine, self.model, bucket_bytes=bucket_bytes) for engine in self.engines]
         else:
             self.refitters = [EngineRefitter(engine, self.model) for engine in self.engines]
         self.reference = ReferenceModel(self.model, adapters_disabled=True) if config.roles.reference == "lora" else None
         self.updater = _Updater(self.model, config.optim, total_steps=total_steps, max_grad_norm=config.optim.max_grad_norm,
                                 world=self.world)
-        self.pool = RolloutPool(self.engines, max_batch=rollout.max_batch)
+        self.pool = RolloutPool(self.engines, max_batch=config.rollout.max_batch) if self.engines else None
 
     def ready(self) -> bool:
         return True
@@ -239,36 +288,13 @@ class ActorWorker:
     @split_rows(merge=merge_generations, pass_block=True)
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, seed: int, greedy: bool = False,
                  row_block: RowBlock | None = None) -> GenerationResult:
-        """Responses to the prompts (token lists) from the engines, load-balanced by the scheduler.
-        A rank of a group gets its `row_block` of the prompts and samples batch by batch with the
-        seed of the batch's first prompt's index in the whole list (so a rank's batches of
-        `rollout.max_batch` 1 sample exactly what one process samples)."""
-        from stema.rollout import SamplingParams
-
-        if not prompt_token_ids:  # a rank of a group given no prompts
-            return GenerationResult(rollouts=[], texts=[], seconds=0.0, worker_prompts=[0] * len(self.engines),
-                                    worker_seconds=[0.0] * len(self.engines))
-        first = row_block.start if row_block is not None else 0
-
-        rollout = self.config.rollout
-        params = SamplingParams(
-            temperature=0.0 if greedy else rollout.temperature,
-            top_p=rollout.top_p,
-            top_k=rollout.top_k,
-            max_new_tokens=rollout.max_new_tokens,
-            stop_strings=tuple(rollout.stop_strings),
-            seed=seed + first,
-        )
-        started = time.perf_counter()
+        """Responses to the prompts (token lists) from the engines, load-balanced by the scheduler
+        (`generate_with_pool`; a rank of a group generates its `row_block` of the prompts)."""
+        if self.pool is None:
+            raise RuntimeError("the actor holds no engines (roles.placement: disaggregated): generate on the rollout role")
         with kv_cache_held(self.engines):
-            result = self.pool.generate([list(prompt) for prompt in prompt_token_ids], params, tokenizer=self.tokenizer)
-        return GenerationResult(
-            rollouts=result.batch.sequences,
-            texts=[sequence.text for sequence in result.batch.sequences],
-            seconds=time.perf_counter() - started,
-            worker_prompts=[stats.prompts for stats in result.worker_stats],
-            worker_seconds=[stats.seconds for stats in result.worker_stats],
-        )
+            return generate_with_pool(self.pool, self.tokenizer, self.config, prompt_token_ids, seed=seed, greedy=greedy,
+                                      first=row_block.start if row_block is not None else 0)
 
     @split_rows(merge=concat_rows)
     @torch.no_grad()
@@ -323,7 +349,8 @@ class ActorWorker:
         return metrics
 
     def refit(self) -> float:
-        """Copy the policy's weights into every engine in place (every rank of a group); seconds taken."""
+        """Copy the policy's weights into every engine in place (every rank of a group; with
+        disaggregated placement into the rollout workers' engines); seconds taken."""
         started = time.perf_counter()
         for refitter in self.refitters:
             refitter.refit()

@@ -5,8 +5,9 @@ process or in Ray actors, called asynchronously (ARCHITECTURE "Roles and data fl
 
 1. Take the step's global batch of prompts (seeded sampler; each prompt repeated
    `rollout.samples_per_prompt` times, the copies forming a group).
-2. Actor: generate the responses with the rollout engines (KV-cached, in-place refitted copies of
-   the policy), prompt batches handed out by the load-balancing kernel `Scheduler`.
+2. Actor (or, with `roles.placement: disaggregated`, the rollout role): generate the responses
+   with the rollout engines (KV-cached, in-place refitted copies of the policy), prompt batches
+   handed out by the load-balancing kernel `Scheduler`.
 3. At once, as futures: the actor's own log-probs of the sampled tokens (and the engine-vs-trainer
    log-prob mismatch), the reference's log-probs, the critic's values, the reward's scores.
 4. Scores -> (truncation penalty for responses cut at max_new_tokens, running normalization,
@@ -16,7 +17,8 @@ process or in Ray actors, called asynchronously (ARCHITECTURE "Roles and data fl
    `reinforce`, `rloo`, `grpo` without a critic), optionally whitened.
 6. Actor and critic train concurrently: `ppo.ppo_epochs` passes of minibatches, clipped policy
    loss (+ KL in the loss for GRPO, + entropy bonus) and clipped value loss; no actor update during
-   the first `ppo.critic_warmup_steps`. The actor then refits its engines in place.
+   the first `ppo.critic_warmup_steps`. The actor then refits the engines in place (its own, or
+   the rollout workers', bucket by bucket).
 7. The KL controller adapts (when a target is set); metrics, timings (generation, inference,
    training, refit) and the engine mismatch are logged; held-out prompts are evaluated greedily
    every `trainer.eval_every` steps (mean reward); checkpoints hold every role's state.
@@ -89,14 +91,22 @@ class RunningMoments:
 
 
 class Roles:
-    """The run's role handles: actor, reference (None when the actor is its own reference), critic
-    (None without a critic-based estimator), reward."""
+    """The run's role handles: actor, rollout (None unless placement is disaggregated: the actor
+    then holds no engines), reference (None when the actor is its own reference), critic (None
+    without a critic-based estimator), reward."""
 
     def __init__(self, config: PPOConfig, run: Run, *, total_steps: int):
         backend = dict(backend=config.roles.backend, timeout_s=config.roles.call_timeout_s, ray_address=config.roles.ray_address)
         cache_dir = str(run.cache_dir)
+        self.rollout = receivers = None
+        if config.roles.placement == "disaggregated":
+            from stema.roles.disaggregated import engine_receivers, start_rollout_role
+
+            self.rollout = start_rollout_role(config, cache_dir=cache_dir, timeout_s=config.roles.call_timeout_s,
+                                              ray_address=config.roles.ray_address)
+            receivers = engine_receivers(self.rollout, timeout_s=config.roles.call_timeout_s)
         self.actor = start_role("actor", ActorWorker, config=config, cache_dir=cache_dir, total_steps=total_steps,
-                                workers=config.roles.actor_workers, **backend)
+                                workers=config.roles.actor_workers, engine_receivers=receivers, **backend)
         self.reference = None
         if config.roles.reference != "lora":
             self.reference = start_role("reference", ReferenceWorker, config=config, cache_dir=cache_dir,
@@ -107,6 +117,15 @@ class Roles:
             self.critic = start_role("critic", CriticWorker, config=config, cache_dir=cache_dir, path=path,
                                      total_steps=total_steps, workers=config.roles.critic_workers, **backend)
         self.reward = start_role("reward", RewardWorker, config=config, cache_dir=cache_dir, **backend)
+
+    def generate(self, prompt_token_ids: list, *, seed: int, greedy: bool = False):
+        """Future of the responses (`GenerationResult`) from the rollout role when there is one,
+        else from the actor's own engines."""
+        if self.rollout is not None:
+            from stema.roles.disaggregated import RolloutWorker
+
+            return self.rollout.submit(RolloutWorker.generate, prompt_token_ids, seed=seed, greedy=greedy)
+        return self.actor.submit(ActorWorker.generate, prompt_token_ids, seed=seed, greedy=greedy)
 
     def score(self, prompts: list, generation, *, evaluation: bool = False):
         """Future of the reward role's `[B]` scores of `generation`'s responses to `prompts` (TokenizedPrompts)."""
@@ -121,7 +140,7 @@ class Roles:
         return self.reference.submit(ReferenceWorker.logprobs, batch)
 
     def close(self) -> None:
-        for handle in (self.actor, self.reference, self.critic, self.reward):
+        for handle in (self.actor, self.rollout, self.reference, self.critic, self.reward):
             if handle is not None:
                 handle.close()
 
@@ -175,7 +194,7 @@ class PPOController:
         prompts = [prompt for prompt in chosen for _ in range(samples)]  # [B = prompts x samples]
         group_ids = torch.arange(len(chosen)).repeat_interleave(samples)
 
-        generation = roles.actor.submit(ActorWorker.generate, [p.input_ids for p in prompts], seed=self.sample_seed(step)).result()
+        generation = roles.generate([p.input_ids for p in prompts], seed=self.sample_seed(step)).result()
         rollouts = generation.rollouts
         batch = experience_tensors(rollouts, self.pad_id)
         inputs = {**model_inputs(batch), "action_mask": batch["action_mask"]}
@@ -251,7 +270,7 @@ class PPOController:
     def evaluate(self) -> dict[str, float]:
         """Mean reward of greedy responses to the held-out prompts (exact-match accuracy for the built-in task)."""
         prompts = self.eval_prompts
-        generation = self.roles.actor.submit(ActorWorker.generate, [p.input_ids for p in prompts], seed=0, greedy=True).result()
+        generation = self.roles.generate([p.input_ids for p in prompts], seed=0, greedy=True).result()
         scores = self.roles.score(prompts, generation, evaluation=True).result()
         lengths = [len(r.token_ids) for r in generation.rollouts]
         return {"reward": float(scores.mean()), "response_length": sum(lengths) / len(lengths)}

@@ -1,0 +1,167 @@
+"""Disaggregated placement: the rollout engines in Ray actors of their own (the rollout role), on
+devices of their own, refitted from the actor after every update.
+
+    rollout = start_rollout_role(config, cache_dir=..., timeout_s=600)     # roles.rollout_workers actors
+    receivers = engine_receivers(rollout, timeout_s=600)                   # given to every actor rank
+    actor = start_role("actor", ActorWorker, ..., engine_receivers=receivers)
+    generation = rollout.submit(RolloutWorker.generate, prompts, seed=7).result()   # prompts split by rows
+    actor.submit(ActorWorker.train, ...).result()                          # ends with the refit below
+
+A `RolloutWorker` holds only its `GenerationEngine`s (built from the policy checkpoint, which is
+dropped once they hold its weights): no trainer model, no optimizer. Its KV caches stay allocated:
+nothing else uses its device. Several rollout workers split the prompts by rows (`split_rows`);
+inside one worker the kernel `Scheduler` balances its engines.
+
+Refit (`RemoteEngineRefitter`, run by every rank of the actor): the actor's weights are gathered
+whole a bucket at a time (`WeightBuckets`, `roles.refit_bucket_mb`); rank 0 hands each bucket to
+`send_bucket` and waits until every rollout worker has copied it into its engines with the
+`refit_` kernel (`RolloutWorker.load_bucket`: in place, into buffers whose addresses never change,
+through a name-to-buffer map built once), so at most one bucket is in flight.
+
+Transport. `send_bucket` puts a bucket into the Ray object store once (as CPU tensors) and gives
+every rollout worker the reference; `received_bucket` is the worker's half. That is right for the
+CPU and for a first multi-node run, but on GPUs it copies each bucket device -> host -> object
+store -> host -> device. The planned GPU transport is an NCCL broadcast from actor rank 0 to the
+rollout workers over a process group of their own, straight into same-dtype engine buffers; it
+would replace these two functions only (not built yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from stema.config import PPOConfig
+
+from .groups import GroupFuture, RayGroupHandle, RowBlock, rank_zero, split_rows, start_group
+from .workers import GenerationResult, build_engines, generate_with_pool, merge_generations, role_device
+
+
+class RolloutWorker:
+    """One rollout worker: `rollout.num_engines` generation engines and nothing to train.
+
+    Attributes:
+        engines: the `GenerationEngine`s.
+        slots: per engine, {Hugging Face weight name: the engine buffer (or view of a fused
+            buffer) it fills}; built once, used by every `load_bucket`.
+    """
+
+    def __init__(self, *, config: PPOConfig, cache_dir: str):
+        from stema.models.loading import load_policy
+        from stema.rollout import RolloutPool
+        from stema.rollout.architecture import unwrap_hf_model
+        from stema.rollout.refit import weight_pairs
+
+        self.config = config
+        self.device = role_device()
+        model, self.tokenizer = load_policy(config.model, cache_dir=cache_dir)
+        model.to(self.device)
+        self.engines = build_engines(model, config)
+        self.slots = [{hf_name: view for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)}
+                      for engine in self.engines]
+        del model  # the engines hold the weights now
+        self.pool = RolloutPool(self.engines, max_batch=config.rollout.max_batch)
+
+    def ready(self) -> bool:
+        return True
+
+    def weight_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """[(Hugging Face weight name, shape)] of the engines' weights, in refit order."""
+        return [(hf_name, tuple(view.shape)) for hf_name, view in self.slots[0].items()]
+
+    @split_rows(merge=merge_generations, pass_block=True)
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, seed: int, greedy: bool = False,
+                 row_block: RowBlock | None = None) -> GenerationResult:
+        """Responses to the prompts (this worker's `row_block` of them), load-balanced over the
+        engines by the scheduler (`generate_with_pool`)."""
+        return generate_with_pool(self.pool, self.tokenizer, self.config, prompt_token_ids, seed=seed, greedy=greedy,
+                                  first=row_block.start if row_block is not None else 0)
+
+    @torch.no_grad()
+    def load_bucket(self, parcel: Any) -> int:
+        """Copy one bucket of weights (what `send_bucket` sent) into every engine, in place (cast to
+        the engine's dtype by `refit_`); returns the number of weights copied."""
+        from stema_kernels import refit_
+
+        bucket = received_bucket(parcel)
+        for slots in self.slots:
+            unknown = [name for name in bucket if name not in slots]
+            if unknown:
+                raise ValueError(f"rollout worker: the bucket has weights the engine does not hold: {unknown[:5]}")
+            views = [slots[name] for name in bucket]
+            refit_(views, [tensor.to(view.device) for tensor, view in zip(bucket.values(), views)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(bucket)
+
+    def engine_buffer_addresses(self) -> list[dict[str, int]]:
+        """Each engine's weight buffer addresses (refit writes into them; they never change)."""
+        return [{name: tensor.data_ptr() for name, tensor in engine.weights.buffers().items()} for engine in self.engines]
+
+    def engine_weights(self) -> list[dict[str, torch.Tensor]]:
+        """Each engine's weight buffers as CPU copies (for tests and debugging)."""
+        return [{name: tensor.detach().cpu().clone() for name, tensor in engine.weights.buffers().items()}
+                for engine in self.engines]
+
+
+def send_bucket(bucket: dict[str, torch.Tensor], receivers: Sequence) -> list:
+    """Hand one bucket {weight name: whole tensor} to every rollout worker (`receivers`: the rollout
+    group's Ray actors) and start their `load_bucket`; returns the pending calls' references.
+    Transport: the Ray object store, the bucket put once as CPU tensors (module docstring)."""
+    import ray
+
+    parcel = [ray.put({name: tensor.detach().cpu() for name, tensor in bucket.items()})]  # a list: Ray leaves it unresolved
+    return [receiver.call.remote(RolloutWorker.load_bucket, (parcel,), {}) for receiver in receivers]
+
+
+def received_bucket(parcel: Any) -> dict[str, torch.Tensor]:
+    """The bucket `send_bucket` sent, on the receiving rollout worker."""
+    import ray
+
+    return ray.get(parcel[0])
+
+
+@dataclass(frozen=True)
+class EngineReceivers:
+    """What an actor rank needs to refit a rollout role: its Ray actors, the engines' weight
+    layout ([(name, shape)] in refit order) and the seconds a bucket may take."""
+
+    members: list
+    layout: list[tuple[str, tuple[int, ...]]]
+    timeout_s: float
+
+
+def start_rollout_role(config: PPOConfig, *, cache_dir: str, timeout_s: float, ray_address: str = "") -> RayGroupHandle:
+    """The rollout role: `roles.rollout_workers` Ray actors, each a `RolloutWorker`, one per bundle
+    of a placement group (a GPU each on GPU machines, a token CPU share on the CPU)."""
+    return start_group("rollout", RolloutWorker, workers=config.roles.rollout_workers, timeout_s=timeout_s,
+                       ray_address=ray_address, config=config, cache_dir=cache_dir)
+
+
+def engine_receivers(rollout: RayGroupHandle, *, timeout_s: float) -> EngineReceivers:
+    return EngineReceivers(members=list(rollout.members), layout=rollout.submit(RolloutWorker.weight_layout).result(),
+                           timeout_s=timeout_s)
+
+
+class RemoteEngineRefitter:
+    """The actor side of the disaggregated refit (module docstring): `refit()` on every rank of the
+    actor gathers the weights bucket by bucket; rank 0 sends each to the rollout workers and waits
+    for them before the next. `model` may be FSDP2-sharded or plain (one actor worker)."""
+
+    def __init__(self, model: torch.nn.Module, receivers: EngineReceivers, *, bucket_bytes: int, world):
+        from stema.distributed.role_model import WeightBuckets
+
+        self.receivers = receivers
+        self.world = world
+        self.weights = WeightBuckets(model, receivers.layout, bucket_bytes=bucket_bytes)
+        self.sent_buckets = 0
+
+    def refit(self) -> None:
+        for start, stop, tensors in self.weights.gathered():
+            if self.world.rank != 0:
+                continue
+            calls = send_bucket(dict(zip(self.weights.names[start:stop], tensors)), self.receivers.members)
+            GroupFuture("rollout", "load_bucket", calls, rank_zero, timeout_s=self.receivers.timeout_s).result()
+            self.sent_buckets += 1
