@@ -17,6 +17,7 @@ import json
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,8 @@ from stema.training.logging import read_metrics
 ray = pytest.importorskip("ray")
 two_ranks = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                                reason="a 2-rank group on a GPU machine needs 2 GPUs (NCCL: one GPU per rank)")
+disaggregated_fits = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 4,
+                                        reason="a 2-rank actor, a rollout worker and 3 shared single roles need 4 GPUs")
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +205,12 @@ def test_ray_role_groups_resume_from_their_gathered_checkpoint_onto_the_same_cur
     assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
 
 
-@two_ranks
+@disaggregated_fits
 def test_ppo_with_disaggregated_rollout_workers_equals_local_roles(ppo_runs, disaggregated_run):
     """Actor 2 FSDP2 ranks without engines, one rollout worker holding the engine, refitted over
-    the object store after each update in buckets of 0.01 MiB: the same metrics as local roles,
-    the engine's buffers where they were before the first refit, and after the last refit the
-    engine holds exactly what an engine built from the exported actor holds."""
+    the object store after each update in buckets of 0.01 MiB: the same metrics and exported
+    actor as local roles, the engine's buffers where they were before the first refit, and after
+    the last refit the engine holds exactly what an engine built from the exported actor holds."""
     from transformers import AutoModelForCausalLM
 
     from stema.rollout import GenerationEngine
@@ -230,22 +233,26 @@ def test_ppo_with_disaggregated_rollout_workers_equals_local_roles(ppo_runs, dis
     assert set(engine) == set(expected)
     for name, tensor in engine.items():
         assert torch.equal(tensor, expected[name]), name
+    assert export_gap(out / "hf", local / "hf") <= 1e-6
+
+
+def export_gap(exported: Path, reference: Path) -> float:
+    """Largest absolute weight difference between two exported causal LMs (same tensor names)."""
+    from transformers import AutoModelForCausalLM
+
+    exported_state, reference_state = (AutoModelForCausalLM.from_pretrained(path).state_dict() for path in (exported, reference))
+    assert set(exported_state) == set(reference_state)
+    gap = max(float((exported_state[name] - reference_state[name]).abs().max()) for name in reference_state)
+    print(f"{exported}: largest weight difference to the local export {gap:.1e} over {len(reference_state)} tensors")
+    return gap
 
 
 @two_ranks
-def test_a_sharded_actor_exports_the_hf_model_of_the_local_run(ppo_runs, disaggregated_run):
-    """hf/ written from the 2-rank actor (gathered from its shards; also with disaggregated
-    placement) loads in transformers and holds the local run's weights."""
-    from transformers import AutoModelForCausalLM
-
-    (local, groups), (disaggregated, _) = ppo_runs, disaggregated_run
-    reference = AutoModelForCausalLM.from_pretrained(local / "hf").state_dict()
-    for out in (groups, disaggregated):
-        exported = AutoModelForCausalLM.from_pretrained(out / "hf").state_dict()
-        assert set(exported) == set(reference)
-        gap = max(float((exported[name] - reference[name]).abs().max()) for name in reference)
-        print(f"{out.name}: largest weight difference to the local export {gap:.1e} over {len(reference)} tensors")
-        assert gap <= 1e-6
+def test_a_sharded_actor_exports_the_hf_model_of_the_local_run(ppo_runs):
+    """hf/ written from the 2-rank actor (gathered from its shards on rank 0) loads in transformers
+    and holds the local run's weights."""
+    local, groups = ppo_runs
+    assert export_gap(groups / "hf", local / "hf") <= 1e-6
 
 
 def _epoch_orders(seed: int) -> list[torch.Tensor]:
@@ -334,6 +341,7 @@ def test_colocated_engine_holds_its_kv_cache_only_while_generating(tiny_actor):
     print(f"KV cache: {capacity} bytes while generating, 0 after; engine vs trainer log-prob gap {float(gap):.1e}")
 
 
+@two_ranks
 def test_two_rollout_workers_split_the_prompts_and_take_every_bucket_in_place(ray_session, tmp_path):
     """The rollout role with 2 workers: prompts split by rows sample what one worker samples
     (rollout.max_batch 1); a refit from a changed policy, sent bucket by bucket through the object
