@@ -64,9 +64,12 @@ DPO_BETA = 1.0
 DPO_LR = 1e-3
 DPO_SFT_LOSS_WEIGHT = 1.0
 # PPO stage (see stage_ppo): group-normalized advantages over 8 samples per prompt, rewarded by
-# the task's exact-match function. On the tiny model this does not yet lift held-out exact match
-# (runs of 60-100 steps with lr 1e-4..5e-4, with GAE + critic, and with the partial-credit
-# `builtin_digits` reward, stayed within a point of the SFT model); see the README's PPO section.
+# the task's exact-match function. On the tiny model this does not yet lift held-out exact match:
+# from the default 600-step SFT model (~5%) runs of 60-100 steps (lr 1e-4..5e-4, GAE + critic, the
+# partial-credit `builtin_digits` reward) stayed within a point; from a 2400-step SFT model (~44%,
+# `sft_steps=2400`) GRPO runs of 60-200 steps, 16-64 prompts, lr 1e-4..5e-4 ended between -6 and
+# +2 points (lr 1e-3 collapsed), while 200 more supervised steps at lr 2e-4 gave +2: the budget of
+# the stage, not the estimator, is what is missing. See the README's PPO section.
 PPO_LR = 1e-4
 PPO_SAMPLES = 8
 PPO_PROMPTS = 16
