@@ -20,6 +20,8 @@ from stema.rollout import (
 )
 from stema.rollout.sampling import make_generator, sample_next_tokens
 
+from rollout_models import scramble
+
 FAMILIES = ["llama", "qwen2", "mistral"]
 PROMPTS = [[5, 17, 30], [40, 41, 42, 43, 44, 45, 46, 47, 48], [60, 9, 70, 12, 80, 33], [90]]
 MAX_NEW = 12
@@ -28,22 +30,6 @@ MAX_NEW = 12
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
-
-
-def scramble(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights of a realistic scale (HF's 0.02 init gives near-uniform logits, which would
-    make greedy decoding hinge on ties): matrices ~ 1.5 / sqrt(fan_in), norms ~ 1, biases ~ 0.2."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if name.endswith("norm.weight"):
-                parameter.copy_(1 + 0.2 * noise)
-            elif parameter.dim() == 1:
-                parameter.copy_(0.2 * noise)
-            else:
-                parameter.copy_(1.5 * noise / math.sqrt(parameter.shape[-1]))
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -3,14 +3,14 @@ LoRA merged), with one plan built once and buffers that never move."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from stema.models.families import build_family_model
 from stema.models.tiny import build_tokenizer
 from stema.rollout import EngineRefitter, GenerationEngine, SamplingParams
+
+from rollout_models import scramble
 
 PROMPTS = [[5, 17, 30], [40, 41, 42, 43, 44, 45], [90]]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -21,21 +21,6 @@ LORA_TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
-
-
-def scramble(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights of a realistic scale: matrices ~ 1.5 / sqrt(fan_in), norms ~ 1, biases ~ 0.2."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if name.endswith("norm.weight"):
-                parameter.copy_(1 + 0.2 * noise)
-            elif parameter.dim() == 1:
-                parameter.copy_(0.2 * noise)
-            else:
-                parameter.copy_(1.5 * noise / math.sqrt(parameter.shape[-1]))
-    return model.eval()
 
 
 def train_one_step(model: torch.nn.Module, *, lr: float = 0.05) -> None:
