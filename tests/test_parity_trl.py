@@ -39,9 +39,11 @@ from stema.config import ModelConfig
 from stema.data import PreferenceExample, SFTExample, tokenize_preference, tokenize_sft
 from stema.data.tokenize import IGNORE_INDEX, TokenizedPair, TokenizedSFT
 from stema.models.loading import load_policy, load_reward_model, load_tokenizer
-from stema.models.tiny import TinyModelSpec, build_model, build_tokenizer
+from stema.models.tiny import TinyModelSpec
 from stema.trainers.reward import PairwiseRewardAlgorithm
 from stema.trainers.sft import SFTAlgorithm
+
+from tiny_models import save_spread_model
 
 # TRL's configs default to gradient_checkpointing=True, which transformers 5 reports as a deprecated alias.
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
@@ -91,17 +93,7 @@ PAIRS_CHAT = [
 def model_dir(tmp_path_factory):
     """A tiny Llama folder (model + character tokenizer) whose weights are drawn from N(0, 0.3^2)."""
     disable_progress_bars()
-    path = tmp_path_factory.mktemp("tiny_parity")
-    tokenizer = build_tokenizer()
-    model = build_model(SPEC, tokenizer)
-    generator = torch.Generator().manual_seed(SPEC.seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * WEIGHT_STD)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_spread_model(tmp_path_factory.mktemp("tiny_parity"), SPEC, seed=SPEC.seed, std=WEIGHT_STD)
 
 
 def model_config(path) -> ModelConfig:

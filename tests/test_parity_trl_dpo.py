@@ -36,10 +36,12 @@ from stema.config import KTOLossConfig, ModelConfig, PreferenceConfig  # noqa: E
 from stema.data import PreferenceExample, TokenizedUnpaired, tokenize_preference  # noqa: E402
 from stema.data.tokenize import IGNORE_INDEX, TokenizedPair  # noqa: E402
 from stema.models.loading import load_policy, load_tokenizer  # noqa: E402
-from stema.models.tiny import TinyModelSpec, build_model, build_tokenizer  # noqa: E402
+from stema.models.tiny import TinyModelSpec  # noqa: E402
 from stema.trainers.dpo import DPOAlgorithm  # noqa: E402
 from stema.trainers.kto import KTOAlgorithm  # noqa: E402
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs  # noqa: E402
+
+from tiny_models import save_spread_model  # noqa: E402
 
 TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4  # max |g_stema - g_trl| / max |g|: fp32 round-off only
@@ -72,26 +74,12 @@ UNPAIRED = [
 ]
 
 
-def save_spread_model(path, seed: int):
-    """A tiny Llama folder whose matrices are drawn from N(0, 0.3^2) with `seed`."""
-    tokenizer = build_tokenizer()
-    model = build_model(SPEC, tokenizer)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * WEIGHT_STD)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """(policy folder, reference folder): two different tiny Llamas."""
     disable_progress_bars()
     root = tmp_path_factory.mktemp("dpo_parity")
-    return save_spread_model(root / "policy", seed=3), save_spread_model(root / "reference", seed=4)
+    return save_spread_model(root / "policy", SPEC, seed=3, std=WEIGHT_STD), save_spread_model(root / "reference", SPEC, seed=4, std=WEIGHT_STD)
 
 
 def trl_arguments(config_class, tmp_path, *, batch_size: int, **options):

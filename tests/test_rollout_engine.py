@@ -20,7 +20,7 @@ from stema.rollout import (
 )
 from stema.rollout.sampling import make_generator, sample_next_tokens
 
-from rollout_models import scramble
+from tiny_models import scramble
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 PROMPTS = [[5, 17, 30], [40, 41, 42, 43, 44, 45, 46, 47, 48], [60, 9, 70, 12, 80, 33], [90]]

@@ -10,7 +10,7 @@ from stema.models.families import build_family_model
 from stema.models.tiny import build_tokenizer
 from stema.rollout import EngineRefitter, GenerationEngine, SamplingParams
 
-from rollout_models import scramble
+from tiny_models import scramble
 
 PROMPTS = [[5, 17, 30], [40, 41, 42, 43, 44, 45], [90]]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
