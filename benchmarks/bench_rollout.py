@@ -23,12 +23,11 @@ quick hidden 32, 2 layers, batch 2, prompt 8, 8 new tokens.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import NamedTuple
 
 import torch
 
-import stema_kernels
+from common import best_seconds, device_label
 
 
 class Size(NamedTuple):
@@ -72,30 +71,12 @@ def build_model(size: Size, device: str):
     return model.to(size.dtype).eval()
 
 
-def best_seconds(fn, *, device: str, repeats: int) -> float:
-    """Best wall time of fn() over `repeats` runs after one warm-up (CUDA: synchronized)."""
-
-    def synchronize() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-
-    fn()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def copy_bandwidth(device: str, *, repeats: int) -> float:
     """Bytes per second (read + written) of one fp32 copy_ of 256 MB (CUDA) or 64 MB (CPU)."""
     elements = (64 if device.startswith("cuda") else 16) * 2**20
     src = torch.randn(elements, device=device)
     dst = torch.empty_like(src)
-    seconds = best_seconds(lambda: dst.copy_(src), device=device, repeats=repeats)
+    seconds = best_seconds(lambda: dst.copy_(src), device=device, repeats=repeats, warmup=1)
     return 2 * src.nbytes / seconds
 
 
@@ -107,12 +88,6 @@ def decode_bytes_per_step(engine, size: Size) -> float:
     kv_bytes = (spec.num_layers * 2 * size.batch * spec.num_kv_heads * mean_length * spec.head_dim
                 * engine.cache.tensor.element_size())
     return weight_bytes + kv_bytes
-
-
-def device_label(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} torch threads, {stema_kernels.build_info()['openmp_max_threads']} OpenMP)"
 
 
 def row(*, case: str, metric: str, stema: float, baseline: float, higher_is_better: bool, baseline_name: str,
@@ -150,11 +125,11 @@ def measure(*, device: str = "cpu", quick: bool = False) -> list[dict]:
             model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                            max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens, pad_token_id=0)
 
-    engine_seconds = best_seconds(lambda: engine.generate(prompt_lists, params), device=device, repeats=size.repeats)
-    hf_seconds = best_seconds(hf_generate, device=device, repeats=size.repeats)
+    engine_seconds = best_seconds(lambda: engine.generate(prompt_lists, params), device=device, repeats=size.repeats, warmup=1)
+    hf_seconds = best_seconds(hf_generate, device=device, repeats=size.repeats, warmup=1)
     refitter = EngineRefitter(engine, model)
-    refit_seconds = best_seconds(refitter.refit, device=device, repeats=size.repeats)
-    rebuild_seconds = best_seconds(build_engine, device=device, repeats=size.repeats)
+    refit_seconds = best_seconds(refitter.refit, device=device, repeats=size.repeats, warmup=1)
+    rebuild_seconds = best_seconds(build_engine, device=device, repeats=size.repeats, warmup=1)
     roofline_steps_per_second = copy_bandwidth(device, repeats=size.repeats) / decode_bytes_per_step(engine, size)
 
     tokens = size.batch * size.new_tokens
