@@ -10,6 +10,7 @@ import torch
 
 from stema.data.collate import collate_pairs, collate_prompts
 from stema.data.tokenize import TokenizedPair, TokenizedPrompt, encode_prompt
+from stema.models.loading import eval_mode
 from stema.training.logprobs import completion_token_logprobs, sequence_logprobs
 
 Prompt = str | list[dict[str, str]]
@@ -20,10 +21,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[Prompt], *, max_new_toke
     """Greedy completions (decoded without special tokens) of `prompts`, rendered exactly as in
     training (`encode_prompt`: BOS + text, or the chat template with its generation prompt)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     completions: list[str] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             chunk = [TokenizedPrompt(encode_prompt(p, tokenizer), p) for p in prompts[start : start + batch_size]]
             batch = collate_prompts(chunk, tokenizer.pad_token_id)  # left-padded [B, P]
@@ -37,8 +36,6 @@ def generate_greedy(model, tokenizer, prompts: Sequence[Prompt], *, max_new_toke
             )
             new_tokens = output[:, batch["input_ids"].shape[1] :]  # [B, <= max_new_tokens]
             completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
     return completions
 
 
@@ -56,17 +53,13 @@ def preference_accuracy(model, pairs: Sequence[TokenizedPair], *, pad_id: int, b
     """Fraction of `pairs` for which the policy's summed log-prob of the chosen completion is
     strictly greater than that of the rejected one (log p(chosen | prompt) > log p(rejected | prompt))."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     preferred = 0
-    try:
+    with eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             batch = {key: value.to(device) for key, value in collate_pairs(chunk, pad_id).items()}
             chosen, rejected = sequence_logprobs(*completion_token_logprobs(model, batch)).chunk(2)  # [B] each
             preferred += int((chosen > rejected).sum())
-    finally:
-        model.train(was_training)
     return preferred / max(1, len(pairs))
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from stema.config import ConfigError
+from stema.models.loading import eval_mode
 
 RewardFunction = Callable[[Any, str], float]
 BUILTIN_REWARDS = {"builtin": "stema.data.builtin:reward", "builtin_digits": "stema.data.builtin:digit_reward"}
@@ -97,15 +98,11 @@ class RewardModelScorer:
 
         sequences = [list(prompt) + list(response) for prompt, response in zip(prompt_token_ids, response_token_ids)]
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
         scores = []
-        try:
+        with eval_mode(self.model):
             for start in range(0, len(sequences), self.micro_batch_size):
                 input_ids, attention_mask = right_padded(sequences[start : start + self.micro_batch_size], self.pad_id)
                 values = token_values(self.model, input_ids.to(device), attention_mask.to(device))  # [b, T]
                 last = attention_mask.sum(-1).to(device) - 1  # [b]
                 scores.append(values.gather(1, last[:, None]).squeeze(1).float().cpu())
-        finally:
-            self.model.train(was_training)
         return torch.cat(scores)

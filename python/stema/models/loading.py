@@ -300,6 +300,18 @@ def unwrap_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside the block `model` is in eval mode (no dropout); afterwards it is back in the mode it
+    was in, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def disable_adapters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Inside the block the LoRA `model` computes as its frozen base model (peft's
     `disable_adapter()`; `modules_to_save` copies fall back to the originals too), which serves as

@@ -35,6 +35,7 @@ from stema.distributed import World, init_world
 from stema.distributed.parallelize import clip_grad_norm_, set_gradient_sync
 from stema.distributed.role_model import gathered_state, load_gathered_state, place_on_world
 from stema.losses.ppo import ppo_policy_loss, ppo_value_loss
+from stema.models.loading import eval_mode
 from stema.training.checkpoint import rng_state, set_rng_state
 from stema.training.loop import autocast_context
 from stema.training.optim import build_optimizer, build_scheduler
@@ -397,9 +398,7 @@ def _export(model: torch.nn.Module, tokenizer: Any, world: World, path: str, *, 
 def _policy_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], config: PPOConfig, device: torch.device) -> torch.Tensor:
     from stema.training.logprobs import completion_token_logprobs
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         outputs = []
         micro = config.trainer.micro_batch_size
         inputs = model_inputs(batch)
@@ -409,8 +408,6 @@ def _policy_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], con
                 logprobs, _ = completion_token_logprobs(model, chunk, temperature=config.rollout.temperature)
             outputs.append(logprobs.float().cpu())
         return torch.cat(outputs)
-    finally:
-        model.train(was_training)
 
 
 class ReferenceWorker:
@@ -476,9 +473,7 @@ class CriticWorker:
     @torch.no_grad()
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`[B, L]` fp32 values (column t: the state after tokens 0..t, where action t is taken)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             micro = self.config.trainer.micro_batch_size
             inputs = model_inputs(batch)
             chunks = []
@@ -486,8 +481,6 @@ class CriticWorker:
                 chunk = _on(self.device, {key: value[start : start + micro] for key, value in inputs.items()})
                 chunks.append(self._values(chunk).cpu())
             return torch.cat(chunks)
-        finally:
-            self.model.train(was_training)
 
     @split_rows(merge=rank_zero, pass_block=True)
     def train(self, batch: dict[str, torch.Tensor], *, old_values: torch.Tensor, returns: torch.Tensor, step: int,

@@ -43,7 +43,7 @@ from stema.data import TokenizedPair, TokenizedSFT, collate_sft, load_sft_data
 from stema.data.tokenize import IGNORE_INDEX
 from stema.generation import sampling_params
 from stema.losses import uses_reference
-from stema.models.loading import load_policy
+from stema.models.loading import eval_mode, load_policy
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.logging import read_metrics
 from stema.training.loop import autocast_context, to_device
@@ -79,15 +79,11 @@ def spin_pairs(examples: Sequence[TokenizedSFT], generations: Sequence[Sequence[
 def heldout_metrics(model, engine, examples: Sequence[TokenizedSFT], *, pad_id: int, batch_size: int, params) -> dict[str, float]:
     """Step 3e: mean ground-truth log-likelihood (summed over completion tokens) and greedy exact match."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total_logprob = 0.0
-    try:
+    with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             batch = to_device(collate_sft(examples[start : start + batch_size], pad_id), device)
             total_logprob += float(sequence_logprobs(*completion_token_logprobs(model, batch)).sum())
-    finally:
-        model.train(was_training)
     lengths = [prompt_length(example) for example in examples]
     generated = engine.generate([example.input_ids[:length] for example, length in zip(examples, lengths)], params).token_ids
     matches = sum(list(tokens) == example.input_ids[length:] for tokens, example, length in zip(generated, examples, lengths))

@@ -32,7 +32,7 @@ from stema.data.steerlm import condition_prompt, format_attributes, load_steered
 from stema.data.tokenize import LengthReport, encode_prompt
 from stema.generation import generate as generate_responses
 from stema.generation import write_jsonl_atomic
-from stema.models.loading import load_policy, load_tokenizer, resolve_model_path
+from stema.models.loading import eval_mode, load_policy, load_tokenizer, resolve_model_path
 from stema.rewards import right_padded
 from stema.training import TrainResult
 from stema.distributed import World
@@ -46,16 +46,12 @@ def predict_attributes(model: torch.nn.Module, sequences: Sequence[Sequence[int]
     `batch_size` right-padded sequences per forward pass, read at each last token as `stema rm`
     trained it."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     predictions = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(sequences), batch_size):
             input_ids, attention_mask = right_padded(sequences[start : start + batch_size], pad_id)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
             predictions.append(logits.float().cpu())  # [b, k]
-    finally:
-        model.train(was_training)
     return torch.cat(predictions)
 
 

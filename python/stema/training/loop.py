@@ -30,6 +30,7 @@ from stema.config import OptimConfig, TrainerConfig
 from stema.distributed import World
 from stema.distributed.checkpoint import load_model_optimizer, save_model_optimizer
 from stema.distributed.parallelize import clip_grad_norm_, set_gradient_sync
+from stema.models.loading import eval_mode
 
 from . import checkpoint
 from .logging import MetricsLogger, progress_bar
@@ -102,14 +103,9 @@ def evaluate_sums(model: torch.nn.Module, algorithm: Algorithm, examples: Sequen
 def run_evaluation(model: torch.nn.Module, algorithm: Algorithm, examples: Sequence[Any]) -> dict[str, float]:
     """Evaluation in eval mode, under no_grad, with the RNG forked so that evaluating (even with
     sampling) never changes the training run's random stream: resume stays exact."""
-    was_training = model.training
-    model.eval()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            return algorithm.evaluate(model, examples)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), torch.random.fork_rng(devices=devices):
+        return algorithm.evaluate(model, examples)
 
 
 def train(
