@@ -111,28 +111,25 @@ class Demo:
             builtin_eval_size=self.config.num_heldout, max_length=64,
         )
 
-    def accuracy(self, model_path: Path) -> float:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        return mean_reward(model, tokenizer, self.heldout, builtin.reward, max_new_tokens=MAX_NEW_TOKENS)
-
-    def preference_accuracy(self, model_path: Path) -> float:
-        """Held-out preference pairs (the DPO stage's evaluation pairs) on which the model at
-        `model_path` gives the chosen completion the higher summed log-prob."""
+    def policy_scores(self, model_path: Path) -> dict[str, float]:
+        """The model at `model_path` (loaded once) on the held-out data: greedy exact-match
+        `accuracy`, and `preference_accuracy`, the held-out preference pairs (the DPO stage's
+        evaluation pairs) on which it gives the chosen completion the higher summed log-prob."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         pairs, _ = load_preference_data(self.data_config(), tokenizer, "eval")
-        return preference_accuracy(model, pairs, pad_id=tokenizer.pad_token_id)
+        return {
+            "accuracy": mean_reward(model, tokenizer, self.heldout, builtin.reward, max_new_tokens=MAX_NEW_TOKENS),
+            "preference_accuracy": preference_accuracy(model, pairs, pad_id=tokenizer.pad_token_id),
+        }
 
 
 def stage_base(demo: Demo) -> dict:
     path = save_tiny_model(demo.out / "base", TinyModelSpec(seed=demo.config.seed))
     demo.policy_path = path
-    return {"accuracy": demo.accuracy(path), "preference_accuracy": demo.preference_accuracy(path)}
+    return demo.policy_scores(path)
 
 
 def stage_sft(demo: Demo) -> dict:
@@ -147,8 +144,7 @@ def stage_sft(demo: Demo) -> dict:
     result = sft.run(config)
     demo.policy_path = demo.sft_path = Path(config.trainer.output_dir) / "hf"
     return {
-        "accuracy": demo.accuracy(demo.policy_path),
-        "preference_accuracy": demo.preference_accuracy(demo.policy_path),
+        **demo.policy_scores(demo.policy_path),
         "eval_loss": result.eval_metrics["loss"],
     }
 
@@ -181,8 +177,7 @@ def stage_dpo(demo: Demo) -> dict:
     result = dpo.run(config)
     demo.policy_path = Path(config.trainer.output_dir) / "hf"
     return {
-        "accuracy": demo.accuracy(demo.policy_path),
-        "preference_accuracy": demo.preference_accuracy(demo.policy_path),
+        **demo.policy_scores(demo.policy_path),
         "reward_accuracy": result.eval_metrics["rewards/accuracy"],
         "eval_loss": result.eval_metrics["loss"],
     }
@@ -209,8 +204,7 @@ def stage_ppo(demo: Demo) -> dict:
     result = ppo.run(config)
     demo.policy_path = Path(config.trainer.output_dir) / "hf"
     return {
-        "accuracy": demo.accuracy(demo.policy_path),
-        "preference_accuracy": demo.preference_accuracy(demo.policy_path),
+        **demo.policy_scores(demo.policy_path),
         "kl": result.train_metrics["kl"],
         "train_reward": result.train_metrics["reward"],
         "start": str(start),
