@@ -63,19 +63,14 @@ def start_run(config: Any, *, command: str) -> Run:
 def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Module:
     """`model` on the run's device; under torchrun with several processes, sharded by
     `stema.distributed.parallelize` as `config.distributed` asks (call it on every model the
-    ranks share: the policy, a frozen reference)."""
-    if not run.world.distributed:
-        return model.to(run.device)
-    from stema.distributed.parallelize import parallelize
+    ranks share: the policy, a frozen reference). `distributed.role_model.place_on_world` does
+    the placing; this adds the trainers' LoRA error naming the config field."""
+    from stema.distributed.role_model import place_on_world
     from stema.models.loading import is_lora_model
 
-    if is_lora_model(model):
+    if run.world.distributed and is_lora_model(model):
         raise ConfigError("model.lora: LoRA is not supported with several processes yet; run it in one process")
-    cfg = config.distributed
-    return parallelize(
-        model.to("cpu" if cfg.cpu_offload else run.device), mesh=run.world.mesh,
-        mixed_precision=cfg.mixed_precision, cpu_offload=cfg.cpu_offload,
-    )
+    return place_on_world(model, run.world, config.distributed)
 
 
 def report_data(run: Run, split: str, examples: list, report: Any) -> None:
