@@ -111,6 +111,8 @@ class World:
             return
         try:
             yield
+        except CollectiveError:
+            raise  # already named by an inner block
         except (dist.DistError, RuntimeError) as error:
             if not _is_collective_failure(error):
                 raise
