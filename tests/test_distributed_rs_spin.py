@@ -12,6 +12,8 @@ import pytest
 from distributed_launch import argv, assert_same_curve, curve, gloo_available, torchrun_cli
 
 from stema.cli import main
+from stema.distributed import World
+from stema.distributed.blocks import spread_blocks
 from stema.models.families import save_family_model
 
 pytestmark = pytest.mark.skipif(not gloo_available, reason="torch.distributed with gloo is not available")
@@ -31,6 +33,20 @@ def reward_model(llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm")
     assert main(argv("rm", out, llama, "trainer.max_steps=2")) == 0
     return out / "hf"
+
+
+def test_distributed_blocks_in_one_process_run_every_block_with_its_first_index_in_order():
+    calls = []
+
+    def work(first, block):
+        calls.append((first, list(block)))
+        return [f"{first}:{item}" for item in block]
+
+    assert spread_blocks(World(role="test"), list("abcdefg"), block_size=3, work=work) == [
+        "0:a", "0:b", "0:c", "3:d", "3:e", "3:f", "6:g"]
+    assert calls == [(0, ["a", "b", "c"]), (3, ["d", "e", "f"]), (6, ["g"])]
+    with pytest.raises(ValueError, match="2 results for a block of 3"):
+        spread_blocks(World(role="test"), list("abc"), block_size=3, work=lambda first, block: block[:2])
 
 
 def test_fsdp_rejection_sampling_two_processes_equal_one(llama, reward_model, tmp_path):
