@@ -432,7 +432,7 @@ class RSConfig:
     trainer: TrainerConfig = section(TrainerConfig, "Training loop of the SFT on the winners.")
     sampling: SamplingConfig = section(SamplingConfig, "Sampling of the n candidates.")
     rs: RejectionSamplingOptions = section(RejectionSamplingOptions, "Best-of-n selection.")
-    distributed: DistributedConfig = section(DistributedConfig, "Must be one process: sampling uses the rollout engine on the whole model.")
+    distributed: DistributedConfig = section(DistributedConfig, "FSDP2 data parallel under torchrun: each rank samples its blocks of sampling.batch_size prompts, then trains.")
 
 
 @dataclass
@@ -453,7 +453,7 @@ class SPINConfig:
     preference: PreferenceConfig = section(PreferenceConfig, "The SPIN loss: a DPO-family loss (default dpo) against the previous iteration.")
     sampling: SamplingConfig = section(SamplingConfig, "Sampling of the rejected responses.")
     spin: SPINOptions = section(SPINOptions, "Iterations.")
-    distributed: DistributedConfig = section(DistributedConfig, "Must be one process: sampling uses the rollout engine on the whole model.")
+    distributed: DistributedConfig = section(DistributedConfig, "FSDP2 data parallel under torchrun: each rank samples its blocks of sampling.batch_size prompts, then trains.")
 
 
 @dataclass

@@ -178,6 +178,16 @@ def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put a sharded model's parameters back in their sharded form. FSDP2 keeps the root's
+    parameters gathered after a forward until the backward that follows; after a forward without
+    one (no_grad evaluation, reference log-probs) `model.parameters()` would hand an optimizer the
+    gathered copies instead of the shards. A no-op for a model that is not sharded."""
+    for module in model.modules():
+        if is_sharded(module):
+            module.reshard()
+
+
 def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
     """Scale the gradients of `parameters` so that their global L2 norm is at most `max_norm`;
     returns the norm before clipping (of the whole model, gathered over the ranks).

@@ -4,6 +4,7 @@ gathered state that a role's checkpoint holds. World size 1 is the same calls on
     model = place_on_world(model, world, config.distributed)       # FSDP2 when the world has ranks
     refitter = BucketedRefitter(engine, model, bucket_bytes=256 << 20)
     refitter.refit()          # every rank: gathers bucket by bucket, copies into its engine in place
+    refitter = engine_refitter(engine, model, world=world)          # Bucketed, or plain in one process
     buckets = WeightBuckets(model, layout, bucket_bytes=256 << 20)   # the gathering alone, for
     for start, stop, tensors in buckets.gathered(): ...              # engines in other processes
     state = gathered_state(model, optimizer)                        # rank 0: whole tensors on the CPU
@@ -157,6 +158,18 @@ class BucketedRefitter:
         for start, stop, tensors in self.weights.gathered():
             views = self.views[start:stop]
             refit_(views, [tensor.to(view.device) for tensor, view in zip(tensors, views)])
+
+
+def engine_refitter(engine, model: torch.nn.Module, *, world: World, bucket_bytes: int = 256 << 20):
+    """The refitter that keeps `engine` (built by `GenerationEngine.from_hf` on `model` before
+    `place_on_world`) up to date with `model`: a `BucketedRefitter` gathering the FSDP2 shards
+    when the world has several ranks (every rank calls `refit()`), else the plain `EngineRefitter`
+    (which also merges LoRA)."""
+    if world.distributed:
+        return BucketedRefitter(engine, model, bucket_bytes=bucket_bytes)
+    from stema.rollout import EngineRefitter
+
+    return EngineRefitter(engine, model)
 
 
 def gathered_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -111,6 +111,8 @@ class World:
             return
         try:
             yield
+        except CollectiveError:
+            raise  # already named by an inner block
         except (dist.DistError, RuntimeError) as error:
             if not _is_collective_failure(error):
                 raise
@@ -186,6 +188,8 @@ def init_world(distributed_cfg: Any, *, role: str) -> World:
 
 
 def close_world(world: World) -> None:
-    """Leave the process group (a no-op in a single process)."""
+    """Leave the process group (a no-op in a single process), after a barrier: no rank tears its
+    connections down while another is still finishing the last collective."""
     if world.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -3,18 +3,26 @@ section 3.2.3; RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767).
 
 1. Load the policy (optionally with LoRA) and tokenizer; read the training prompts (and held-out
    prompts from data.eval, when given); prompts longer than data.max_length are dropped and counted.
-2. Put the policy's weights into the rollout engine and sample `rs.num_samples` responses per
-   prompt (`sampling`: temperature, top-p, top-k, seeded).
-3. Score every response: the reward model `rs.reward_model` (a one-output `stema rm` export,
-   sharing the policy's tokenizer) on prompt + response tokens, or else the reward function
-   `rs.reward_function` on the decoded text.
+2. Build the rollout engine from the policy's weights (before the policy is sharded under
+   torchrun) and sample `rs.num_samples` responses per prompt (`sampling`: temperature, top-p,
+   top-k). The rows (prompt p's samples are rows p*n .. p*n+n-1) go in blocks of
+   `sampling.batch_size`, block b to data-parallel rank b mod N (`stema.distributed.blocks`); a
+   block starting at row r samples with seed `sampling.seed` + r, so every world size samples the
+   same responses.
+3. Score every response, block by block on the rank that sampled it: the reward model
+   `rs.reward_model` (a one-output `stema rm` export, sharing the policy's tokenizer) on prompt +
+   response tokens, or else the reward function `rs.reward_function` on the decoded text. The
+   ranks gather all samples and rewards.
 4. Keep each prompt's best response (the first on ties) among those that ended (EOS or a stop,
    not cut by max_new_tokens), when its reward is at least `rs.min_reward` (if set).
-5. SFT on the winners, exactly as `stema sft` trains (completion tokens only): the example is the
-   prompt tokens followed by the generated tokens as sampled (no re-tokenization of the text).
-6. Greedy responses to the held-out prompts are scored before and after the SFT (the reward of
-   greedy outputs is what rejection sampling should raise); the numbers go to the log and to
-   `<output_dir>/rs_summary.json`. Export the policy in Hugging Face format.
+5. SFT on the winners, exactly as `stema sft` trains (completion tokens only; FSDP2 data parallel
+   under torchrun): the example is the prompt tokens followed by the generated tokens as sampled
+   (no re-tokenization of the text).
+6. Greedy responses to the held-out prompts are scored before and after the SFT (the engine is
+   refitted from the trained, possibly sharded, weights; the reward of greedy outputs is what
+   rejection sampling should raise); the numbers go to the log and to
+   `<output_dir>/rs_summary.json`, every sample with its reward and whether it won to
+   `<output_dir>/rs_samples.jsonl` (rank 0 writes both). Export the policy in Hugging Face format.
 
 Departures: one round of sampling (Llama 2 repeats the round with newer policies; run the command
 again from the export to do the same).
@@ -22,19 +30,22 @@ again from the export to do the same).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
 
-from stema.config import ConfigError, ModelConfig, RSConfig
+from stema.config import ModelConfig, RSConfig
 from stema.data import TokenizedPrompt, TokenizedSFT, load_prompts
 from stema.data.tokenize import IGNORE_INDEX
-from stema.generation import generate
+from stema.distributed import World, close_world
+from stema.distributed.blocks import spread_blocks
+from stema.generation import sampling_params, write_jsonl_atomic
 from stema.models.loading import load_policy, load_reward_model
 from stema.rewards import RewardModelScorer, load_reward_function, score_with_function
-from stema.training.setup import Run, fit, load_splits, start_run
+from stema.training.setup import Run, fit, load_splits, place_model, start_run
 from stema.trainers.sft import SFTAlgorithm
 
 
@@ -83,38 +94,84 @@ def best_of_n(rewards: torch.Tensor, finished: torch.Tensor, *, min_reward: floa
     return winners
 
 
-def greedy_reward(model, tokenizer, items: Sequence[TokenizedPrompt], scorer: Scorer, sampling_cfg) -> float:
+@dataclass(frozen=True)
+class ScoredSample:
+    """One sampled response: its tokens, why it ended ("eos", "stop", "length") and its reward."""
+
+    token_ids: list[int]
+    finish_reason: str
+    reward: float
+
+
+def sample_and_score(engine, tokenizer, scorer: Scorer, prompts: Sequence[TokenizedPrompt], params, *, world: World,
+                     block_size: int) -> list[ScoredSample]:
+    """One scored response per prompt (steps 2-3), in prompt order, on every rank: blocks of
+    `block_size` prompts spread over the data-parallel ranks, the block starting at prompt `first`
+    sampled with seed `params.seed + first` and scored as one batch, so any world size gives the
+    one-process samples."""
+
+    def work(first: int, block: Sequence[TokenizedPrompt]) -> list[ScoredSample]:
+        batch = engine.generate([item.input_ids for item in block], dataclasses.replace(params, seed=params.seed + first),
+                                tokenizer=tokenizer)
+        rewards = scorer.score([item.prompt for item in block], batch).tolist()  # [len(block)]
+        return [ScoredSample(sequence.token_ids, sequence.finish_reason, reward) for sequence, reward in zip(batch.sequences, rewards)]
+
+    return spread_blocks(world, prompts, block_size=block_size, work=work)
+
+
+def sample_rows(samples: Sequence[ScoredSample], winners: Sequence[int | None], tokenizer, *, n: int) -> list[dict]:
+    """`rs_samples.jsonl` rows: per sample its prompt index, sample index, decoded response,
+    reward, whether it finished (EOS or stop) and whether it is its prompt's winner."""
+    return [
+        {
+            "prompt": row // n, "sample": row % n,
+            "response": tokenizer.decode(sample.token_ids, skip_special_tokens=True),
+            "reward": sample.reward, "finished": sample.finish_reason != "length", "winner": winners[row // n] == row % n,
+        }
+        for row, sample in enumerate(samples)
+    ]
+
+
+def greedy_reward(engine, tokenizer, items: Sequence[TokenizedPrompt], scorer: Scorer, sampling_cfg, *, world: World) -> float:
     """Mean reward of the greedy responses to the tokenized prompts `items` (step 6)."""
-    batch = generate(model, tokenizer, [item.input_ids for item in items], sampling_cfg, greedy=True)
-    return float(scorer.score([item.prompt for item in items], batch).mean())
+    samples = sample_and_score(engine, tokenizer, scorer, items, sampling_params(sampling_cfg, greedy=True), world=world,
+                               block_size=sampling_cfg.batch_size)
+    return sum(sample.reward for sample in samples) / len(samples)
 
 
 def run(config: RSConfig) -> RSSummary:
+    from stema.distributed.role_model import engine_refitter
+    from stema.rollout import GenerationEngine
+
     run_info = start_run(config, command="rs")
-    if run_info.world.distributed:
-        raise ConfigError(f"stema rs runs in one process (it samples with the rollout engine), not under torchrun with {run_info.world.world_size} processes")
+    world = run_info.world
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model.to(run_info.device)
     train_prompts, eval_items = load_splits(run_info, config.data, tokenizer, load_prompts)
     prompts = [item.prompt for item in train_prompts]
     eval_prompts = eval_items or []
-    scorer = Scorer(config, run=run_info, micro_batch_size=config.trainer.micro_batch_size)
-    before = greedy_reward(model, tokenizer, eval_prompts, scorer, config.sampling) if eval_prompts else None
-
     n = config.rs.num_samples
-    prompt_ids = [item.input_ids for item in train_prompts]
-    repeated = [ids for ids in prompt_ids for _ in range(n)]  # prompt p's samples at rows p*n .. p*n+n-1
-    batch = generate(model, tokenizer, repeated, config.sampling)
-    rewards = scorer.score([prompt for prompt in prompts for _ in range(n)], batch).view(len(prompts), n)  # [P, n]
-    finished = torch.tensor([reason != "length" for reason in batch.finish_reasons]).view(len(prompts), n)
+    repeated = [item for item in train_prompts for _ in range(n)]  # prompt p's samples at rows p*n .. p*n+n-1
+    longest = max(len(item.input_ids) for item in train_prompts + eval_prompts)
+    # Built from the whole model, before it is sharded; refitted from the shards after the SFT.
+    engine = GenerationEngine.from_hf(model, max_batch=min(config.sampling.batch_size, len(repeated)),
+                                      max_total_len=longest + config.sampling.max_new_tokens)
+    model = place_model(run_info, config, model)
+    scorer = Scorer(config, run=run_info, micro_batch_size=config.trainer.micro_batch_size)
+    with world.failures_named():
+        before = greedy_reward(engine, tokenizer, eval_prompts, scorer, config.sampling, world=world) if eval_prompts else None
+        samples = sample_and_score(engine, tokenizer, scorer, repeated, sampling_params(config.sampling), world=world,
+                                   block_size=config.sampling.batch_size)
+    rewards = torch.tensor([sample.reward for sample in samples]).view(len(prompts), n)  # [P, n]
+    finished = torch.tensor([sample.finish_reason != "length" for sample in samples]).view(len(prompts), n)
     winners = best_of_n(rewards, finished, min_reward=config.rs.min_reward)
 
     examples = []
     winner_rewards = []
-    for index, (ids, choice) in enumerate(zip(prompt_ids, winners)):
+    for index, (item, choice) in enumerate(zip(train_prompts, winners)):
         if choice is None:
             continue
-        response = batch.sequences[index * n + choice].token_ids
+        ids, response = item.input_ids, samples[index * n + choice].token_ids
         examples.append(TokenizedSFT(ids + response, [IGNORE_INDEX] * len(ids) + response, f"prompt {index}, sample {choice}"))
         winner_rewards.append(float(rewards[index, choice]))
     run_info.say(
@@ -131,14 +188,22 @@ def run(config: RSConfig) -> RSSummary:
         pad_id=tokenizer.pad_token_id, packing=False, max_length=config.data.max_length,
         micro_batch_size=config.trainer.micro_batch_size, attn_implementation=config.model.attn_implementation,
     )
-    result = fit(run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm, train_examples=examples, eval_examples=None)
-    after = greedy_reward(model, tokenizer, eval_prompts, scorer, config.sampling) if eval_prompts else None
+    result = fit(run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm, train_examples=examples,
+                 eval_examples=None, close=False)
+    after = None
+    if eval_prompts:
+        with world.failures_named():
+            engine_refitter(engine, model, world=world).refit()
+            after = greedy_reward(engine, tokenizer, eval_prompts, scorer, config.sampling, world=world)
+    close_world(world)
     summary = RSSummary(
         prompts=len(prompts), samples_per_prompt=n, winners=len(examples), mean_sample_reward=float(rewards.mean()),
         mean_winner_reward=sum(winner_rewards) / max(1, len(winner_rewards)),
         greedy_reward_before=before, greedy_reward_after=after, steps=result.step,
     )
-    (run_info.output_dir / "rs_summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    if world.is_main:
+        (run_info.output_dir / "rs_summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        write_jsonl_atomic(run_info.output_dir / "rs_samples.jsonl", sample_rows(samples, winners, tokenizer, n=n))
     if eval_prompts:
         run_info.say(f"greedy held-out reward: {before:.4f} before, {after:.4f} after")
     return summary

@@ -2,10 +2,14 @@
 
 1. Load the policy (optionally with LoRA) and tokenizer; read the SFT data (prompt + ground-truth
    completion; the prompt is everything before the first trained token) and the held-out data.
-2. Build the rollout engine once, with room for the longest prompt plus `sampling.max_new_tokens`.
+2. Build the rollout engine once, from the policy's weights before the policy is sharded under
+   torchrun (FSDP2 data parallel), with room for the longest prompt plus `sampling.max_new_tokens`.
 3. Iteration t = 1..`spin.iterations`:
-   a. refit the engine with the current weights and generate one response per training prompt
-      (`sampling`; the model's own answer);
+   a. refit the engine with the current (gathered) weights and generate one response per training
+      prompt (`sampling`; the model's own answer). The prompts go in blocks of
+      `sampling.batch_size`, block b to data-parallel rank b mod N (`stema.distributed.blocks`),
+      the block starting at prompt i sampled with seed `sampling.seed` + t + i; the ranks gather
+      all generations, so every world size generates the same;
    b. pairs: chosen = the ground truth, rejected = the generation (a pair whose generation equals
       the ground truth token for token carries no gradient and is left out);
    c. reference = the model as it is now, i.e. the previous iteration: its sequence log-probs of
@@ -13,10 +17,12 @@
    d. train on the pairs with the DPO-family loss of `preference` (default `dpo`, the SPIN loss
       with the logistic loss; `sft_loss_weight` adds the ground truth's NLL) through the DPO
       trainer's algorithm on the shared loop (`trainer.max_steps` or `epochs` per iteration, a
-      fresh optimizer, checkpoints and metrics in `<output_dir>/iteration_<t>`);
+      fresh optimizer, checkpoints and metrics in `<output_dir>/iteration_<t>`; data parallel as
+      `stema dpo` under torchrun);
    e. evaluate on the held-out data: mean ground-truth log-likelihood (summed over completion
-      tokens) and exact match of the greedy generation with the ground truth.
-4. Write `<output_dir>/spin_summary.json` (the held-out numbers before and after each iteration),
+      tokens; every rank runs all of it through the sharded model) and exact match of the greedy
+      generation with the ground truth (blocks spread over the ranks as in a).
+4. Rank 0 writes `<output_dir>/spin_summary.json` (the held-out numbers before and after each iteration),
    the iterations' training records in one `<output_dir>/metrics.jsonl` (steps counted from the
    start, tagged with the iteration), and export the final policy in Hugging Face format.
 
@@ -38,16 +44,18 @@ from typing import Sequence
 
 import torch
 
-from stema.config import ConfigError, SPINConfig
+from stema.config import SPINConfig
 from stema.data import TokenizedPair, TokenizedSFT, collate_sft, load_sft_data
 from stema.data.tokenize import IGNORE_INDEX
+from stema.distributed import World, close_world
+from stema.distributed.blocks import spread_blocks
 from stema.generation import sampling_params
 from stema.losses import uses_reference
 from stema.models.loading import eval_mode, load_policy
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.logging import read_metrics
 from stema.training.loop import autocast_context, to_device
-from stema.training.setup import export_model, fit, load_splits, start_run
+from stema.training.setup import export_model, fit, load_splits, place_model, start_run
 from stema.trainers.dpo import DPOAlgorithm, precompute_reference_logprobs
 
 
@@ -75,9 +83,22 @@ def spin_pairs(examples: Sequence[TokenizedSFT], generations: Sequence[Sequence[
     return pairs
 
 
+def generate_spread(engine, prompts: Sequence[Sequence[int]], params, *, world: World, block_size: int) -> list[list[int]]:
+    """Response tokens to each prompt, in prompt order, on every rank: blocks of `block_size`
+    prompts spread over the data-parallel ranks, the block starting at prompt `first` sampled with
+    seed `params.seed + first`, so any world size gives the one-process generations."""
+
+    def work(first: int, block: Sequence[Sequence[int]]) -> list[list[int]]:
+        return engine.generate([list(prompt) for prompt in block], dataclasses.replace(params, seed=params.seed + first)).token_ids
+
+    return spread_blocks(world, prompts, block_size=block_size, work=work)
+
+
 @torch.no_grad()
-def heldout_metrics(model, engine, examples: Sequence[TokenizedSFT], *, pad_id: int, batch_size: int, params) -> dict[str, float]:
-    """Step 3e: mean ground-truth log-likelihood (summed over completion tokens) and greedy exact match."""
+def heldout_metrics(model, engine, examples: Sequence[TokenizedSFT], *, pad_id: int, batch_size: int, params, world: World,
+                    block_size: int) -> dict[str, float]:
+    """Step 3e: mean ground-truth log-likelihood (summed over completion tokens) and greedy exact
+    match. Every rank scores all `examples` (a sharded model's forward is a collective)."""
     device = next(model.parameters()).device
     total_logprob = 0.0
     with eval_mode(model):
@@ -85,7 +106,8 @@ def heldout_metrics(model, engine, examples: Sequence[TokenizedSFT], *, pad_id: 
             batch = to_device(collate_sft(examples[start : start + batch_size], pad_id), device)
             total_logprob += float(sequence_logprobs(*completion_token_logprobs(model, batch)).sum())
     lengths = [prompt_length(example) for example in examples]
-    generated = engine.generate([example.input_ids[:length] for example, length in zip(examples, lengths)], params).token_ids
+    generated = generate_spread(engine, [example.input_ids[:length] for example, length in zip(examples, lengths)], params,
+                                world=world, block_size=block_size)
     matches = sum(list(tokens) == example.input_ids[length:] for tokens, example, length in zip(generated, examples, lengths))
     return {"gt_logprob": total_logprob / len(examples), "exact_match": matches / len(examples)}
 
@@ -99,35 +121,41 @@ def append_iteration_metrics(output_dir: Path, iteration_dir: str | Path, *, ite
 
 
 def run(config: SPINConfig) -> dict:
-    from stema.rollout import EngineRefitter, GenerationEngine
+    from stema.distributed.role_model import engine_refitter
+    from stema.rollout import GenerationEngine
 
     run_info = start_run(config, command="spin")
-    if run_info.world.distributed:
-        raise ConfigError(f"stema spin runs in one process (it samples with the rollout engine), not under torchrun with {run_info.world.world_size} processes")
-    (run_info.output_dir / "metrics.jsonl").unlink(missing_ok=True)  # rebuilt from the iterations' records
+    world = run_info.world
+    if world.is_main:
+        (run_info.output_dir / "metrics.jsonl").unlink(missing_ok=True)  # rebuilt from the iterations' records
     model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
     model.to(run_info.device)
     train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_sft_data)
     prompts = [example.input_ids[: prompt_length(example)] for example in train_examples]
 
     longest = max(len(prompt) for prompt in prompts + [example.input_ids for example in eval_examples or []])
+    # Built from the whole model, before it is sharded; refitted from the shards.
     engine = GenerationEngine.from_hf(
         model, max_batch=config.sampling.batch_size, max_total_len=longest + config.sampling.max_new_tokens
     )
-    refitter = EngineRefitter(engine, model)
+    model = place_model(run_info, config, model)
+    refitter = engine_refitter(engine, model, world=world)
     greedy = sampling_params(config.sampling, greedy=True)
-    measure = dict(pad_id=tokenizer.pad_token_id, batch_size=config.trainer.micro_batch_size, params=greedy)
+    measure = dict(pad_id=tokenizer.pad_token_id, batch_size=config.trainer.micro_batch_size, params=greedy, world=world,
+                   block_size=config.sampling.batch_size)
     history = []
     if eval_examples:
-        history.append({"iteration": 0, **heldout_metrics(model, engine, eval_examples, **measure)})
+        with world.failures_named():
+            history.append({"iteration": 0, **heldout_metrics(model, engine, eval_examples, **measure)})
         run_info.say(f"held-out before SPIN: {history[-1]}")
 
     preference = config.preference
     steps_done = 0
     for iteration in range(1, config.spin.iterations + 1):
-        refitter.refit()
-        params = dataclasses.replace(sampling_params(config.sampling), seed=config.sampling.seed + iteration)
-        generations = engine.generate(prompts, params).token_ids
+        with world.failures_named():
+            refitter.refit()
+            params = dataclasses.replace(sampling_params(config.sampling), seed=config.sampling.seed + iteration)
+            generations = generate_spread(engine, prompts, params, world=world, block_size=config.sampling.batch_size)
         pairs = spin_pairs(train_examples, generations)
         run_info.say(f"iteration {iteration}: {len(pairs)} pairs ({len(prompts) - len(pairs)} generations equal the ground truth)")
         if len(pairs) < config.trainer.global_batch_size:
@@ -136,11 +164,12 @@ def run(config: SPINConfig) -> dict:
         examples: list = pairs
         if uses_reference(preference.loss):
             model.eval()
-            examples = precompute_reference_logprobs(
-                ReferenceModel(model, adapters_disabled=False), pairs, pad_id=tokenizer.pad_token_id,
-                batch_size=config.trainer.micro_batch_size, average=preference.average_logprobs,
-                autocast=lambda: autocast_context(config.trainer, run_info.device),
-            )
+            with world.failures_named():
+                examples = precompute_reference_logprobs(
+                    ReferenceModel(model, adapters_disabled=False), pairs, pad_id=tokenizer.pad_token_id,
+                    batch_size=config.trainer.micro_batch_size, average=preference.average_logprobs,
+                    autocast=lambda: autocast_context(config.trainer, run_info.device),
+                )
             model.train()
         algorithm = DPOAlgorithm(pad_id=tokenizer.pad_token_id, preference=preference, reference=None, micro_batch_size=config.trainer.micro_batch_size)
         trainer = dataclasses.replace(
@@ -148,16 +177,21 @@ def run(config: SPINConfig) -> dict:
             export_hf=False, seed=config.trainer.seed + iteration,
         )
         result = fit(run_info, dataclasses.replace(config, trainer=trainer), model=model, tokenizer=tokenizer, algorithm=algorithm,
-                     train_examples=examples, eval_examples=None)
+                     train_examples=examples, eval_examples=None, close=False)
         if result.resumed_from is not None:
             run_info.say(f"iteration {iteration}: resumed from its checkpoint at step {result.resumed_from}")
-        append_iteration_metrics(run_info.output_dir, trainer.output_dir, iteration=iteration, step_offset=steps_done)
+        if world.is_main:
+            append_iteration_metrics(run_info.output_dir, trainer.output_dir, iteration=iteration, step_offset=steps_done)
         steps_done += result.step
         if eval_examples:
-            refitter.refit()
-            history.append({"iteration": iteration, "pairs": len(pairs), **heldout_metrics(model, engine, eval_examples, **measure)})
+            with world.failures_named():
+                refitter.refit()
+                history.append({"iteration": iteration, "pairs": len(pairs), **heldout_metrics(model, engine, eval_examples, **measure)})
             run_info.say(f"held-out after iteration {iteration}: {history[-1]}")
-    export_model(run_info, config, model, tokenizer)
+    with world.failures_named():
+        export_model(run_info, config, model, tokenizer)
+    close_world(world)
     summary = {"iterations": history}
-    (run_info.output_dir / "spin_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if world.is_main:
+        (run_info.output_dir / "spin_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -29,7 +29,7 @@ import torch
 from stema.config import OptimConfig, TrainerConfig
 from stema.distributed import World
 from stema.distributed.checkpoint import load_model_optimizer, save_model_optimizer
-from stema.distributed.parallelize import clip_grad_norm_, set_gradient_sync
+from stema.distributed.parallelize import clip_grad_norm_, reshard, set_gradient_sync
 from stema.models.loading import eval_mode
 
 from . import checkpoint
@@ -140,6 +140,7 @@ def train(
 
     torch.manual_seed(trainer_cfg.seed)
     sampler = EpochSampler(len(train_examples), batch_size=trainer_cfg.global_batch_size, seed=trainer_cfg.seed, shuffle=shuffle)
+    reshard(model)  # the optimizer must hold the shards, also after no-grad forwards before training
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps=steps)
     step = 0

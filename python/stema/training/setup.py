@@ -109,10 +109,13 @@ def export_model(run: Run, config: Any, model: Any, tokenizer: Any) -> Path | No
     return path
 
 
-def fit(run: Run, config: Any, *, model: Any, tokenizer: Any, algorithm: Any, train_examples: list, eval_examples: list | None):
+def fit(run: Run, config: Any, *, model: Any, tokenizer: Any, algorithm: Any, train_examples: list, eval_examples: list | None,
+        close: bool = True):
     """Train with the shared loop under `config.trainer`/`config.optim`, export, and say how it
-    ended; then leave the process group. A failed or timed-out collective stops the run with an
-    error naming the role and rank (`stema.distributed.CollectiveError`)."""
+    ended; then leave the process group (with `close=False` the caller keeps it for more
+    collectives, e.g. SPIN's next iteration, and calls `close_world` itself). A failed or
+    timed-out collective stops the run with an error naming the role and rank
+    (`stema.distributed.CollectiveError`)."""
     from .loop import train
 
     with run.world.failures_named():
@@ -127,7 +130,8 @@ def fit(run: Run, config: Any, *, model: Any, tokenizer: Any, algorithm: Any, tr
             world=run.world,
         )
         export_model(run, config, model, tokenizer)
-    close_world(run.world)
+    if close:
+        close_world(run.world)
     summary = f"done after {result.step} steps; last train loss {result.train_metrics.get('loss', float('nan')):.4f}"
     run.say(summary + (f"; eval {result.eval_metrics}" if result.eval_metrics else ""))
     return result
