@@ -190,17 +190,20 @@ def test_ppo_with_ray_role_groups_of_two_fsdp_ranks_equals_local_roles(ppo_runs)
 
 
 @two_ranks
-def test_ray_role_groups_resume_from_their_gathered_checkpoint_onto_the_same_curve(ppo_runs, tmp_path):
-    """Step 1's checkpoint (each group's state gathered whole on rank 0) loaded into new groups
-    (each rank takes its shards of it): step 2 as in the straight run."""
-    _, groups = ppo_runs
-    shutil.copytree(groups / "checkpoints", tmp_path / "checkpoints")
+@pytest.mark.parametrize(("taken_with", "resumed_with"), [("groups", "groups"), ("groups", "local"), ("local", "groups")])
+def test_ppo_resumes_onto_the_same_curve_with_another_number_of_workers(ppo_runs, tmp_path, taken_with, resumed_with):
+    """Step 1's checkpoint (each role's state whole, keyed by parameter name, whatever its number
+    of workers) loaded by 2-rank groups (each rank takes its shards) or by local roles: step 2 as
+    in the straight run (the local and the group runs agree within 1e-5, see above)."""
+    source = dict(zip(("local", "groups"), ppo_runs))[taken_with]
+    shutil.copytree(source / "checkpoints", tmp_path / "checkpoints")
     for step, folder in list_checkpoints(tmp_path / "checkpoints"):
         if step > 1:
             shutil.rmtree(folder)
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(groups) if r["step"] <= 1))
-    assert main(["ppo", f"trainer.output_dir={tmp_path}", *PPO, *GROUPS, "trainer.resume=true"]) == 0
-    resumed, straight = train_records(tmp_path), train_records(groups)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(source) if r["step"] <= 1))
+    workers = GROUPS if resumed_with == "groups" else []
+    assert main(["ppo", f"trainer.output_dir={tmp_path}", *PPO, *workers, "trainer.resume=true"]) == 0
+    resumed, straight = train_records(tmp_path), train_records(source)
     assert len(resumed) == 2
     assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
 

@@ -475,8 +475,8 @@ class DemoConfig:
     steerlm_attribute_steps: int = option(100, "SteerLM stage: attribute-model (regression reward model) optimizer steps.")
     spin_iterations: int = option(2, "SPIN stage: self-play iterations.")
     spin_steps: int = option(100, "SPIN stage: optimizer steps per iteration.")
-    rs_samples: int = option(8, "Rejection-sampling stage: responses sampled per prompt.")
-    rs_steps: int = option(200, "Rejection-sampling stage: SFT optimizer steps on the winners.")
+    rs_samples: int = option(32, "Rejection-sampling stage: responses sampled per prompt.")
+    rs_steps: int = option(400, "Rejection-sampling stage: SFT optimizer steps on the winners.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -200,38 +200,27 @@ class _Updater:
         return metrics
 
     def state_dict(self) -> dict:
-        """The model's trainable weights, the optimizer and the schedule (a sharded model's
-        gathered whole on rank 0: a collective)."""
-        if self.world.distributed:
-            return {**gathered_state(self.model, self.optimizer), "scheduler": self.scheduler.state_dict()}
-        return {"model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """The model's trainable weights and the optimizer state keyed by parameter name (whole
+        tensors on the CPU; a sharded model's gathered on rank 0: a collective), and the schedule.
+        The same layout at every world size, so a checkpoint taken with N workers resumes with M."""
+        return {**gathered_state(self.model, self.optimizer), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.world.distributed:
-            load_gathered_state(self.model, self.optimizer, state)
-        else:
-            load_trainable_state(self.model, state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        check_trainable_names(self.model, state["model"])
+        load_gathered_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters being trained (all, or only adapters and heads with LoRA), as CPU copies:
-    a role's checkpoint travels to the controller, possibly from another process."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    expected = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    if set(state) != expected:
+def check_trainable_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint that lacks one of the role's trainable parameters or holds a weight the
+    model does not have (tied weights appear under each of their names)."""
+    missing = {name for name, parameter in model.named_parameters() if parameter.requires_grad} - set(state)
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
         raise ValueError(
-            f"the checkpoint does not match the role's trainable parameters (missing {sorted(expected - set(state))[:5]}, "
-            f"unexpected {sorted(set(state) - expected)[:5]}): resume needs the same model and LoRA settings"
+            f"the checkpoint does not match the role's trainable parameters (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}): resume needs the same model and LoRA settings"
         )
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            parameters[name].copy_(value)
 
 
 def _on(device: torch.device, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
