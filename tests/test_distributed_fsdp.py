@@ -1,5 +1,5 @@
-"""FSDP2 data parallel: `torchrun --nproc_per_node 2` (gloo, CPU) runs of `stema sft`, `stema rm`
-and `stema dpo` equal the 1-process run with the same global batch, step by step; a checkpoint
+"""FSDP2 data parallel: `torchrun --nproc_per_node 2` (gloo, CPU) runs of `stema sft`, `stema rm`,
+`stema dpo` and `stema kto` equal the 1-process run with the same global batch, step by step; a checkpoint
 taken at 2 processes resumes at 1 onto the same curve; the Hugging Face export gathered from the
 shards equals the 1-process export.
 
@@ -14,6 +14,7 @@ import torch
 from distributed_launch import STEPS, argv, assert_same_curve, curve, gloo_available, torchrun_cli
 
 from stema.cli import main
+from stema.data import builtin
 from stema.models.families import save_family_model
 from stema.training.checkpoint import list_checkpoints
 from stema.training.logging import read_metrics
@@ -72,4 +73,19 @@ def test_fsdp_hf_export_gathered_from_shards_equals_the_one_process_export(sft_r
 def test_fsdp_reward_model_and_dpo_two_processes_equal_one(llama, tmp_path, command, extra):
     assert main(argv(command, tmp_path / "one", llama, "trainer.export_hf=false", *extra)) == 0
     torchrun_cli(2, argv(command, tmp_path / "two", llama, "trainer.export_hf=false", *extra))
+    assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
+
+
+def test_fsdp_kto_two_processes_equal_one(llama, tmp_path):
+    """KTO (unpaired: the built-in right answers desirable, the mistakes undesirable; its reference
+    and its KL baseline batch sharded like the policy) in 2 processes equals 1."""
+    rows = [
+        {"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+        for pair in builtin.preference_records(16, seed=1) for side in ("chosen", "rejected")
+    ]
+    data = tmp_path / "unpaired.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    extra = ("trainer.export_hf=false", f"data.train={data}")
+    assert main(argv("kto", tmp_path / "one", llama, *extra)) == 0
+    torchrun_cli(2, argv("kto", tmp_path / "two", llama, *extra))
     assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
