@@ -123,7 +123,8 @@ class HFGenerator:
         stop_matcher = StopStringMatcher(params.stop_strings, tokenizer)
         sequences: list[Rollout] = []
         devices = [self._device()] if self._device().type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), eval_mode(self.model), _neutral_generation_config(unwrap_hf_model(self.model)):
+        neutral_config = _neutral_generation_config(unwrap_hf_model(self.model))
+        with torch.random.fork_rng(devices=devices), eval_mode(self.model), neutral_config:
             if params.seed is None:
                 torch.seed()  # a fresh random seed, as the engine's generator takes one
             else:
@@ -132,7 +133,7 @@ class HFGenerator:
                 chunk = prompts[start : start + self.max_batch]
                 responses, logprobs = self._generate_chunk(chunk, params, eos_token_ids)
                 for prompt, response, row_logprobs in zip(chunk, responses, logprobs):
-                    sequences.append(_ended(prompt, response, row_logprobs, params, eos=frozenset(eos_token_ids),
+                    sequences.append(_ended(prompt, response, row_logprobs, eos=frozenset(eos_token_ids),
                                             stop_matcher=stop_matcher, tokenizer=tokenizer))
         return RolloutBatch(sequences, self.pad_token_id)
 
@@ -185,8 +186,8 @@ class HFGenerator:
         return prompts
 
 
-def _ended(prompt: list[int], generated: list[int], logprobs: torch.Tensor, params: SamplingParams, *,
-           eos: frozenset[int], stop_matcher: StopStringMatcher, tokenizer) -> Rollout:
+def _ended(prompt: list[int], generated: list[int], logprobs: torch.Tensor, *, eos: frozenset[int],
+           stop_matcher: StopStringMatcher, tokenizer) -> Rollout:
     """The `Rollout` of one row of transformers' output: its tokens up to the first EOS, the token
     that completes a stop string, or max_new_tokens, whichever comes first (the engine's rule)."""
     response: list[int] = []
