@@ -161,10 +161,15 @@ class BucketedRefitter:
 
 
 def engine_refitter(engine, model: torch.nn.Module, *, world: World, bucket_bytes: int = 256 << 20):
-    """The refitter that keeps `engine` (built by `GenerationEngine.from_hf` on `model` before
-    `place_on_world`) up to date with `model`: a `BucketedRefitter` gathering the FSDP2 shards
-    when the world has several ranks (every rank calls `refit()`), else the plain `EngineRefitter`
-    (which also merges LoRA)."""
+    """The refitter that keeps `engine` (built by `stema.generation.build_generator` on `model`
+    before `place_on_world`) up to date with `model`: a `BucketedRefitter` gathering the FSDP2
+    shards when the world has several ranks (every rank calls `refit()`), else the plain
+    `EngineRefitter` (which also merges LoRA). An `HFGenerator` (one process only) copies nothing:
+    its refit makes it generate with `model` itself."""
+    from stema.rollout.hf import HFGenerator
+
+    if isinstance(engine, HFGenerator):
+        return engine.refitter(model)
     if world.distributed:
         return BucketedRefitter(engine, model, bucket_bytes=bucket_bytes)
     from stema.rollout import EngineRefitter

@@ -4,7 +4,8 @@ section 3.2.3; RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767).
 1. Load the policy (optionally with LoRA) and tokenizer; read the training prompts (and held-out
    prompts from data.eval, when given); prompts longer than data.max_length are dropped and counted.
 2. Build the rollout engine from the policy's weights (before the policy is sharded under
-   torchrun) and sample `rs.num_samples` responses per prompt (`sampling`: temperature, top-p,
+   torchrun; for a family the engine does not serve, `stema.generation.build_generator` falls back
+   to transformers' generate on the policy itself, in one process only) and sample `rs.num_samples` responses per prompt (`sampling`: temperature, top-p,
    top-k). The rows (prompt p's samples are rows p*n .. p*n+n-1) go in blocks of
    `sampling.batch_size`, block b to data-parallel rank b mod N (`stema.distributed.blocks`); a
    block starting at row r samples with seed `sampling.seed` + r, so every world size samples the
@@ -42,7 +43,7 @@ from stema.data import TokenizedPrompt, TokenizedSFT, load_prompts
 from stema.data.tokenize import IGNORE_INDEX
 from stema.distributed import World, close_world
 from stema.distributed.blocks import spread_blocks
-from stema.generation import sampling_params, write_jsonl_atomic
+from stema.generation import build_generator, sampling_params, write_jsonl_atomic
 from stema.models.loading import load_policy, load_reward_model
 from stema.rewards import RewardModelScorer, load_reward_function, score_with_function
 from stema.training.setup import Run, fit, load_splits, place_model, start_run
@@ -141,7 +142,6 @@ def greedy_reward(engine, tokenizer, items: Sequence[TokenizedPrompt], scorer: S
 
 def run(config: RSConfig) -> RSSummary:
     from stema.distributed.role_model import engine_refitter
-    from stema.rollout import GenerationEngine
 
     run_info = start_run(config, command="rs")
     world = run_info.world
@@ -154,8 +154,8 @@ def run(config: RSConfig) -> RSSummary:
     repeated = [item for item in train_prompts for _ in range(n)]  # prompt p's samples at rows p*n .. p*n+n-1
     longest = max(len(item.input_ids) for item in train_prompts + eval_prompts)
     # Built from the whole model, before it is sharded; refitted from the shards after the SFT.
-    engine = GenerationEngine.from_hf(model, max_batch=min(config.sampling.batch_size, len(repeated)),
-                                      max_total_len=longest + config.sampling.max_new_tokens)
+    engine = build_generator(model, max_batch=min(config.sampling.batch_size, len(repeated)),
+                             max_total_len=longest + config.sampling.max_new_tokens, world=world, say=run_info.say)
     model = place_model(run_info, config, model)
     scorer = Scorer(config, run=run_info, micro_batch_size=config.trainer.micro_batch_size)
     with world.failures_named():

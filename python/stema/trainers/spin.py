@@ -3,7 +3,9 @@
 1. Load the policy (optionally with LoRA) and tokenizer; read the SFT data (prompt + ground-truth
    completion; the prompt is everything before the first trained token) and the held-out data.
 2. Build the rollout engine once, from the policy's weights before the policy is sharded under
-   torchrun (FSDP2 data parallel), with room for the longest prompt plus `sampling.max_new_tokens`.
+   torchrun (FSDP2 data parallel), with room for the longest prompt plus `sampling.max_new_tokens`
+   (for a family the engine does not serve, `stema.generation.build_generator` falls back to
+   transformers' generate on the policy itself, in one process only; its refit copies nothing).
 3. Iteration t = 1..`spin.iterations`:
    a. refit the engine with the current (gathered) weights and generate one response per training
       prompt (`sampling`; the model's own answer). The prompts go in blocks of
@@ -49,7 +51,7 @@ from stema.data import TokenizedPair, TokenizedSFT, collate_sft, load_sft_data
 from stema.data.tokenize import IGNORE_INDEX
 from stema.distributed import World, close_world
 from stema.distributed.blocks import spread_blocks
-from stema.generation import sampling_params
+from stema.generation import build_generator, sampling_params
 from stema.losses import uses_reference
 from stema.models.loading import eval_mode, load_policy
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
@@ -122,7 +124,6 @@ def append_iteration_metrics(output_dir: Path, iteration_dir: str | Path, *, ite
 
 def run(config: SPINConfig) -> dict:
     from stema.distributed.role_model import engine_refitter
-    from stema.rollout import GenerationEngine
 
     run_info = start_run(config, command="spin")
     world = run_info.world
@@ -135,9 +136,8 @@ def run(config: SPINConfig) -> dict:
 
     longest = max(len(prompt) for prompt in prompts + [example.input_ids for example in eval_examples or []])
     # Built from the whole model, before it is sharded; refitted from the shards.
-    engine = GenerationEngine.from_hf(
-        model, max_batch=config.sampling.batch_size, max_total_len=longest + config.sampling.max_new_tokens
-    )
+    engine = build_generator(model, max_batch=config.sampling.batch_size, max_total_len=longest + config.sampling.max_new_tokens,
+                             world=world, say=run_info.say)
     model = place_model(run_info, config, model)
     refitter = engine_refitter(engine, model, world=world)
     greedy = sampling_params(config.sampling, greedy=True)

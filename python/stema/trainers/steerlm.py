@@ -11,7 +11,8 @@
    [steer.min_value, steer.max_value]), then SFT exactly as `stema sft` (the SFT trainer's
    algorithm on the shared loop, loss on the completion).
 4. `stema generate --attributes ...` (`generate`): the requested attribute string goes into every
-   prompt by the same template; the rollout engine completes them; JSONL out, atomically.
+   prompt by the same template; the rollout engine completes them (transformers' generate for the
+   families the engine does not serve); JSONL out, atomically.
 
 Departures from the paper: one round (no bootstrapping of the attribute model on the steered
 model's own generations); the attribute string sits in the user turn (see `stema.data.steerlm`)
@@ -116,7 +117,7 @@ def generate(config: GenerateConfig) -> Path:
         values = parse_attributes(config.generate.attributes, min_value=config.steer.min_value, max_value=config.steer.max_value)
         prompts = [condition_prompt(prompt, format_attributes(values)) for prompt in prompts]
     prompt_ids = [encode_prompt(prompt, tokenizer) for prompt in prompts]
-    batch = generate_responses(model, tokenizer, prompt_ids, config.sampling)
+    batch = generate_responses(model, tokenizer, prompt_ids, config.sampling, say=run_info.say)
     rows = (
         {"prompt": prompt, "completion": sequence.text, "finish_reason": sequence.finish_reason}
         for prompt, sequence in zip(prompts, batch.sequences)
