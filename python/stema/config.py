@@ -405,7 +405,7 @@ class GenerateOptions:
 class GenerateConfig:
     """`stema generate`: complete prompts with the generation engine, optionally steered by attributes."""
 
-    model: ModelConfig = section(ModelConfig, "Model to generate with (Llama, Qwen2, Mistral families).")
+    model: ModelConfig = section(ModelConfig, "Model to generate with (the rollout engine serves Llama, Qwen2, Mistral; other families use transformers' generate, one process).")
     data: DataConfig = section(DataConfig, "data.train: the prompts (records with a 'prompt' field; 'builtin' for built-in questions).")
     sampling: SamplingConfig = section(SamplingConfig, "Sampling.")
     generate: GenerateOptions = section(GenerateOptions, "Output and attributes.")
@@ -426,7 +426,7 @@ class RejectionSamplingOptions:
 class RSConfig:
     """`stema rs`: rejection sampling: best-of-n generations scored by a reward, then SFT on the winners."""
 
-    model: ModelConfig = section(ModelConfig, "Policy that samples and is fine-tuned (Llama, Qwen2, Mistral families).")
+    model: ModelConfig = section(ModelConfig, "Policy that samples and is fine-tuned (the rollout engine serves Llama, Qwen2, Mistral; other families use transformers' generate, one process).")
     data: DataConfig = section(DataConfig, "Prompts (train: to sample from; eval: greedy reward before and after).")
     optim: OptimConfig = section(OptimConfig, "Optimizer of the SFT on the winners.")
     trainer: TrainerConfig = section(TrainerConfig, "Training loop of the SFT on the winners.")
@@ -446,7 +446,7 @@ class SPINOptions:
 class SPINConfig:
     """`stema spin`: self-play fine-tuning (ground truth chosen, the model's own generation rejected)."""
 
-    model: ModelConfig = section(ModelConfig, "Policy (Llama, Qwen2, Mistral families); usually an SFT model.")
+    model: ModelConfig = section(ModelConfig, "Policy, usually an SFT model (the rollout engine serves Llama, Qwen2, Mistral; other families use transformers' generate, one process).")
     data: DataConfig = section(DataConfig, "SFT data (prompt + ground-truth completion); eval: held-out log-likelihood and exact match.")
     optim: OptimConfig = section(OptimConfig, "Optimizer of each iteration.")
     trainer: TrainerConfig = section(TrainerConfig, "Training loop of each iteration (max_steps / epochs per iteration).")

@@ -138,7 +138,7 @@ def _token_id_list(value) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(item) for item in value]
 
 
-def _special_token_ids(model: torch.nn.Module) -> tuple[tuple[int, ...], int]:
+def special_token_ids(model: torch.nn.Module) -> tuple[tuple[int, ...], int]:
     """(EOS ids, pad id) from the model's generation config, then its config; pad falls back to
     the first EOS id, then 0."""
     generation_config = getattr(model, "generation_config", None)
@@ -193,7 +193,7 @@ class GenerationEngine:
                 f"GenerationEngine.from_hf: the model is on {model_device} but device={device}; the engine is "
                 "filled and refitted by in-place copies within one device, so move the model there first"
             )
-        eos_token_ids, pad_token_id = _special_token_ids(unwrap_hf_model(model))
+        eos_token_ids, pad_token_id = special_token_ids(unwrap_hf_model(model))
         engine = cls(spec, dtype=dtype or _default_dtype(device), device=device, max_batch=max_batch,
                      max_total_len=max_total_len, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
         EngineRefitter(engine, model).refit()

@@ -35,7 +35,7 @@ import torch
 import stema_kernels
 
 from .architecture import unwrap_hf_model
-from .engine import Rollout, RolloutBatch, _special_token_ids
+from .engine import Rollout, RolloutBatch, special_token_ids
 from .sampling import SamplingParams, StopStringMatcher
 
 __all__ = ["HFGenerator"]
@@ -101,7 +101,7 @@ class HFGenerator:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
         self.max_batch = max_batch
-        self.eos_token_ids, self.pad_token_id = _special_token_ids(unwrap_hf_model(model))
+        self.eos_token_ids, self.pad_token_id = special_token_ids(unwrap_hf_model(model))
 
     @property
     def model_type(self) -> str:
