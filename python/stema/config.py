@@ -473,7 +473,7 @@ class DemoConfig:
     progress_bar: bool = option(True, "Show progress bars.")
     steerlm_steps: int = option(500, "SteerLM stage: attribute-conditioned SFT optimizer steps.")
     steerlm_attribute_steps: int = option(100, "SteerLM stage: attribute-model (regression reward model) optimizer steps.")
-    spin_iterations: int = option(2, "SPIN stage: self-play iterations.")
+    spin_iterations: int = option(3, "SPIN stage: self-play iterations.")
     spin_steps: int = option(100, "SPIN stage: optimizer steps per iteration.")
     rs_samples: int = option(32, "Rejection-sampling stage: responses sampled per prompt.")
     rs_steps: int = option(400, "Rejection-sampling stage: SFT optimizer steps on the winners.")
