@@ -59,10 +59,14 @@ def test_fsdp_rejection_sampling_two_processes_equal_one(llama, reward_model, tm
                for run in ("one", "two")}
     assert len(samples["one"]) == 32 * 4
     assert len({row["reward"] for row in samples["one"]}) > 32  # the reward model tells the samples apart
-    assert samples["two"] == samples["one"]  # the same responses, rewards (bit for bit) and winners
+    # The same responses and winners; rewards to rounding (torchrun's processes run 1 thread, the
+    # test process may run more, and the reward model's sums then round differently).
+    rewards = {run: [row.pop("reward") for row in samples[run]] for run in ("one", "two")}
+    assert samples["two"] == samples["one"]
+    assert rewards["two"] == pytest.approx(rewards["one"], rel=1e-5, abs=1e-6)
     summary = {run: json.loads((tmp_path / run / "rs_summary.json").read_text()) for run in ("one", "two")}
     after = {run: summary[run].pop("greedy_reward_after") for run in ("one", "two")}
-    assert summary["two"] == summary["one"] and summary["one"]["winners"] >= 8
+    assert summary["two"] == pytest.approx(summary["one"], rel=1e-5, abs=1e-6) and summary["one"]["winners"] >= 8
     assert after["two"] == pytest.approx(after["one"], abs=1e-5)  # greedy answers of the trained (gathered) weights
     assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
 
