@@ -1,7 +1,8 @@
 """FSDP2 data parallel: `torchrun --nproc_per_node 2` (gloo, CPU) runs of `stema sft`, `stema rm`,
 `stema dpo` and `stema kto` equal the 1-process run with the same global batch, step by step; a checkpoint
 taken at 2 processes resumes at 1 onto the same curve; the Hugging Face export gathered from the
-shards equals the 1-process export.
+shards equals the 1-process export. The same holds for LoRA SFT (adapters only trained and
+checkpointed; the export merged or the adapter folder).
 
 The loss alone cannot tell summed from averaged gradients (AdamW is scale-invariant), so the
 pre-clipping gradient norm is compared too."""
@@ -89,3 +90,59 @@ def test_fsdp_kto_two_processes_equal_one(llama, tmp_path):
     assert main(argv("kto", tmp_path / "one", llama, *extra)) == 0
     torchrun_cli(2, argv("kto", tmp_path / "two", llama, *extra))
     assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
+
+
+@pytest.fixture(scope="module")
+def lora_sft_runs(llama, tmp_path_factory):
+    """The same LoRA SFT run (adapters on q/k/v/o, merged on export) in 1 process and in 2
+    (checkpoint at step 3)."""
+    root = tmp_path_factory.mktemp("lora_sft")
+    extra = ("model.lora.enabled=true", "trainer.save_every=3")
+    assert main(argv("sft", root / "one", llama, *extra)) == 0
+    torchrun_cli(2, argv("sft", root / "two", llama, *extra))
+    return root / "one", root / "two"
+
+
+def merged_weights(folder, base=None):
+    """The state dict of an exported model: a merged folder, or `base` with the adapters of an
+    adapter folder merged in."""
+    from transformers import AutoModelForCausalLM
+
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).merge_and_unload().state_dict()
+
+
+def assert_same_weights(gathered, single):
+    assert gathered.keys() == single.keys()
+    worst = max((gathered[name] - single[name]).abs().max().item() for name in single)
+    print(f"largest weight difference {worst:.2e}")
+    assert worst < 1e-5
+
+
+def test_fsdp_lora_sft_two_processes_equal_one_and_export_the_same_merged_model(lora_sft_runs, llama):
+    """Only the adapters train (the base stays as loaded: the merged export differs from it)."""
+    one, two = lora_sft_runs
+    assert_same_curve(curve(two), curve(one))
+    single = merged_weights(one / "hf")
+    assert_same_weights(merged_weights(two / "hf"), single)
+    base = merged_weights(llama)
+    assert max((single[name] - base[name]).abs().max().item() for name in base) > 1e-3
+
+
+def test_fsdp_lora_checkpoint_resumes_in_two_processes_and_exports_the_adapters(lora_sft_runs, llama, tmp_path):
+    """The adapters' DCP checkpoint at step 3 resumes onto the same curve; with
+    model.lora.merge_on_export=false the gathered export is the adapter folder, which merged into
+    the base equals the 1-process merged export."""
+    one, two = lora_sft_runs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    records = [r for r in read_metrics(two) if r["step"] <= 3]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    torchrun_cli(2, argv("sft", resumed, llama, "model.lora.enabled=true", "model.lora.merge_on_export=false",
+                         "trainer.save_every=3", "trainer.resume=true"))
+    assert_same_curve(curve(resumed), curve(one))
+    assert (resumed / "hf" / "adapter_config.json").exists() and not (resumed / "hf" / "config.json").exists()
+    assert_same_weights(merged_weights(resumed / "hf", base=llama), merged_weights(one / "hf"))

@@ -12,11 +12,14 @@ processes resumes at M, 1 included. Only the trainable weights are saved (the ad
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from stema.models.loading import unwrap_lora
 
 from .parallelize import is_sharded, restore_non_persistent_buffers
 
@@ -82,9 +85,26 @@ def _unsharded_class(model: torch.nn.Module) -> type:
     return cls
 
 
+def _empty_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A new model of `model`'s architecture on the meta device: its own class built from its
+    config; a peft model's base rebuilt so and wrapped again with the same adapters (a reward
+    model's trained head too, peft's `modules_to_save`)."""
+    from stema.models.loading import is_lora_model
+
+    base = unwrap_lora(model)
+    with torch.device("meta"):
+        replica = _unsharded_class(base)(base.config)
+        if is_lora_model(model):
+            import peft
+
+            replica = peft.get_peft_model(replica, copy.deepcopy(model.peft_config[model.active_adapter]))
+    return replica
+
+
 def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
-    """A plain copy of a sharded Hugging Face model on rank 0's CPU (None on the other ranks),
-    from its full state dict gathered tensor by tensor; a collective, call it on every rank."""
+    """A plain copy of a sharded Hugging Face model (or peft LoRA model) on rank 0's CPU (None on
+    the other ranks), from its full state dict gathered tensor by tensor; a collective, call it
+    on every rank."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -93,14 +113,13 @@ def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    with torch.device("meta"):
-        copy = _unsharded_class(model)(model.config)
-    result = copy.load_state_dict(full, strict=False, assign=True)
-    copy.tie_weights()
-    missing = [name for name in result.missing_keys if any(t.is_meta for n, t in copy.named_parameters() if n == name)]
+    replica = _empty_copy(model)
+    result = replica.load_state_dict(full, strict=False, assign=True)
+    replica.tie_weights()
+    missing = [name for name in result.missing_keys if any(t.is_meta for n, t in replica.named_parameters() if n == name)]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"the gathered state does not fit {type(copy).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-    restore_non_persistent_buffers(copy, torch.device("cpu"))
+        raise RuntimeError(f"the gathered state does not fit {type(replica).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    restore_non_persistent_buffers(replica, torch.device("cpu"))
     if getattr(model, "generation_config", None) is not None:  # a causal LM's (a classifier has none)
-        copy.generation_config = model.generation_config
-    return copy.eval()
+        unwrap_lora(replica).generation_config = model.generation_config
+    return replica.eval()

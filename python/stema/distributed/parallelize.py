@@ -126,7 +126,8 @@ def parallelize(
     """`model` sharded over the 2-D device `mesh` ("dp", "tp"), in place; returns it.
 
     1. tp size > 1: `apply_tensor_parallel` on mesh["tp"];
-    2. `fully_shard` each decoder layer, then the root, on mesh["dp"] with `mixed_precision`
+    2. `fully_shard` each decoder layer, then (inside a peft LoRA wrapper) the Hugging Face model,
+       then the root, on mesh["dp"] with `mixed_precision`
        ('bf16': bf16 compute copies, fp32 gradient reduction) and `cpu_offload`; gradients summed;
     3. a model built on the meta device is materialized on the mesh's device and
        `full_state_dict` (all weights on rank 0; other ranks may pass {}) is loaded, broadcast from
@@ -145,6 +146,12 @@ def parallelize(
     options = dict(mesh=mesh["dp"], mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
+    hf_model = unwrap_lora(model)
+    if hf_model is not model:
+        # A peft model: its Hugging Face model (embedding, final norm, head) is a group of its own
+        # under the wrapper, so code that looks through the wrapper sees a sharded model (and runs
+        # the model's own forward, the one that gathers those weights).
+        fully_shard(hf_model, **options)
     fully_shard(model, **options)
     for module in model.modules():
         if is_sharded(module):

@@ -63,14 +63,27 @@ def start_run(config: Any, *, command: str) -> Run:
 def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Module:
     """`model` on the run's device; under torchrun with several processes, sharded by
     `stema.distributed.parallelize` as `config.distributed` asks (call it on every model the
-    ranks share: the policy, a frozen reference). `distributed.role_model.place_on_world` does
-    the placing; this adds the trainers' LoRA error naming the config field."""
+    ranks share: the policy, a frozen reference). `distributed.role_model.place_on_world` places
+    plain models. A LoRA (peft) model is sharded here per decoder layer like a plain one: its frozen
+    base weights and its adapters share the layers' FSDP2 groups and only the adapters train.
+    Refused, naming the field: LoRA with tensor parallel (the plan shards plain linear layers, not
+    peft's wrappers) and LoRA in a trainer that generates with the policy it trains (a `sampling`
+    section: `rs`, `spin`), whose engine is refit from the shards without the adapters."""
     from stema.distributed.role_model import place_on_world
     from stema.models.loading import is_lora_model
 
-    if run.world.distributed and is_lora_model(model):
-        raise ConfigError("model.lora: LoRA is not supported with several processes yet; run it in one process")
-    return place_on_world(model, run.world, config.distributed)
+    if not (run.world.distributed and is_lora_model(model)):
+        return place_on_world(model, run.world, config.distributed)
+    if config.distributed.tp_size > 1:
+        raise ConfigError("model.lora: LoRA is not supported with tensor parallel (distributed.tp_size > 1); use tp_size 1")
+    if hasattr(config, "sampling"):
+        raise ConfigError(f"model.lora: stema {run.command} with LoRA runs in one process only (its generation engine is "
+                          "refit from the shards without the adapters); run it in one process")
+    from stema.distributed.parallelize import parallelize
+
+    cfg = config.distributed
+    return parallelize(model.to("cpu" if cfg.cpu_offload else run.world.device), mesh=run.world.mesh,
+                       mixed_precision=cfg.mixed_precision, cpu_offload=cfg.cpu_offload)
 
 
 def report_data(run: Run, split: str, examples: list, report: Any) -> None:
