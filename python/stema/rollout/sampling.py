@@ -13,6 +13,7 @@ log-prob at temperature 1.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -77,6 +78,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def for_block(self, first: int) -> "SamplingParams":
+        """These params for a batch whose lowest prompt index is `first`: seed `seed + first` (None
+        stays None), so a batch samples the same whichever worker or rank generates it."""
+        return self if self.seed is None else dataclasses.replace(self, seed=self.seed + first)
 
     @property
     def logprob_temperature(self) -> float:

@@ -13,7 +13,6 @@ reproducible only as far as the batches are (one worker: always).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -115,10 +114,6 @@ class _PoolRun:
     def tallies(self, num_workers: int) -> list[_WorkerTally]:
         return [self._tallies.get(worker, _WorkerTally()) for worker in range(num_workers)]
 
-    def _batch_params(self, items: list[int]) -> SamplingParams:
-        if self.params.seed is None:
-            return self.params
-        return dataclasses.replace(self.params, seed=self.params.seed + min(items))
 
     def work(self, worker: int, engine) -> None:
         tally = self._tallies.setdefault(worker, _WorkerTally())
@@ -128,7 +123,7 @@ class _PoolRun:
                 if items is None:
                     return
                 start = time.perf_counter()
-                batch = engine.generate([self.prompts[item] for item in items], self._batch_params(items),
+                batch = engine.generate([self.prompts[item] for item in items], self.params.for_block(min(items)),
                                         tokenizer=self.tokenizer)
                 seconds = time.perf_counter() - start
                 self.scheduler.report(worker, seconds)

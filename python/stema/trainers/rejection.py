@@ -31,7 +31,6 @@ again from the export to do the same).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -112,7 +111,7 @@ def sample_and_score(engine, tokenizer, scorer: Scorer, prompts: Sequence[Tokeni
     one-process samples."""
 
     def work(first: int, block: Sequence[TokenizedPrompt]) -> list[ScoredSample]:
-        batch = engine.generate([item.input_ids for item in block], dataclasses.replace(params, seed=params.seed + first),
+        batch = engine.generate([item.input_ids for item in block], params.for_block(first),
                                 tokenizer=tokenizer)
         rewards = scorer.score([item.prompt for item in block], batch).tolist()  # [len(block)]
         return [ScoredSample(sequence.token_ids, sequence.finish_reason, reward) for sequence, reward in zip(batch.sequences, rewards)]

@@ -91,7 +91,7 @@ def generate_spread(engine, prompts: Sequence[Sequence[int]], params, *, world: 
     seed `params.seed + first`, so any world size gives the one-process generations."""
 
     def work(first: int, block: Sequence[Sequence[int]]) -> list[list[int]]:
-        return engine.generate([list(prompt) for prompt in block], dataclasses.replace(params, seed=params.seed + first)).token_ids
+        return engine.generate([list(prompt) for prompt in block], params.for_block(first)).token_ids
 
     return spread_blocks(world, prompts, block_size=block_size, work=work)
 
