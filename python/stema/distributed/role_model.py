@@ -22,15 +22,18 @@ from .world import World
 
 def place_on_world(model: torch.nn.Module, world: World, distributed_cfg: Any) -> torch.nn.Module:
     """`model` on the world's device; with several ranks sharded by `parallelize` as
-    `distributed_cfg` (a `DistributedConfig`) asks. LoRA models are refused when sharded."""
+    `distributed_cfg` (a `DistributedConfig`) asks. A LoRA (peft) model is sharded like a plain
+    one (its frozen base weights and its adapters share the decoder layers' FSDP2 groups; only the
+    adapters train); with tensor parallel it is refused (the plan shards plain linear layers, not
+    peft's wrappers)."""
     if not world.distributed:
         return model.to(world.device)
     from stema.models.loading import is_lora_model
 
     from .parallelize import parallelize
 
-    if is_lora_model(model):
-        raise ValueError(f"{world.describe()}: LoRA is not supported with several workers per role yet; use one")
+    if is_lora_model(model) and world.tp_size > 1:
+        raise ValueError(f"{world.describe()}: LoRA is not supported with tensor parallel (tp_size {world.tp_size}); use tp_size 1")
     return parallelize(
         model.to("cpu" if distributed_cfg.cpu_offload else world.device), mesh=world.mesh,
         mixed_precision=distributed_cfg.mixed_precision, cpu_offload=distributed_cfg.cpu_offload,
@@ -132,7 +135,7 @@ class BucketedRefitter:
     The engine must have been built for the same architecture (e.g. `GenerationEngine.from_hf` on
     the model before it was sharded); the weight-to-engine mapping is the plain `EngineRefitter`'s
     (`stema.rollout.refit.weight_pairs`), and each bucket is copied (and cast) by the `refit_`
-    kernel. LoRA models are not handled here (they are refused when sharded).
+    kernel. LoRA models are refused: the buckets carry the base weights, not merged adapters.
 
     Attributes:
         views: the engine view each weight of `weights.names` fills.
@@ -140,9 +143,13 @@ class BucketedRefitter:
     """
 
     def __init__(self, engine, model: torch.nn.Module, *, bucket_bytes: int):
+        from stema.models.loading import is_lora_model
         from stema.rollout.architecture import decoder_spec_from_hf, unwrap_hf_model
         from stema.rollout.refit import check_same_architecture, weight_pairs
 
+        if is_lora_model(model):
+            raise ValueError("BucketedRefitter refits whole weights, not merged LoRA adapters; the engine would "
+                             "generate with the base weights")
         check_same_architecture(engine.spec, decoder_spec_from_hf(model))
         self.engine = engine
         pairs = [(hf_name, view) for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)]
@@ -165,11 +172,17 @@ def engine_refitter(engine, model: torch.nn.Module, *, world: World, bucket_byte
     before `place_on_world`) up to date with `model`: a `BucketedRefitter` gathering the FSDP2
     shards when the world has several ranks (every rank calls `refit()`), else the plain
     `EngineRefitter` (which also merges LoRA). An `HFGenerator` (one process only) copies nothing:
-    its refit makes it generate with `model` itself."""
+    its refit makes it generate with `model` itself. A LoRA model with several ranks raises
+    ConfigError naming `model.lora` (the buckets do not merge adapters)."""
+    from stema.config import ConfigError
+    from stema.models.loading import is_lora_model
     from stema.rollout.hf import HFGenerator
 
     if isinstance(engine, HFGenerator):
         return engine.refitter(model)
+    if world.distributed and is_lora_model(model):
+        raise ConfigError(f"model.lora: stema {world.role} with LoRA runs in one process only (its generation engine is "
+                          "refit from the shards without the adapters); run it in one process")
     if world.distributed:
         return BucketedRefitter(engine, model, bucket_bytes=bucket_bytes)
     from stema.rollout import EngineRefitter

@@ -156,6 +156,7 @@ def run(config: RSConfig) -> RSSummary:
     engine = build_generator(model, max_batch=min(config.sampling.batch_size, len(repeated)),
                              max_total_len=longest + config.sampling.max_new_tokens, world=world, say=run_info.say)
     model = place_model(run_info, config, model)
+    refitter = engine_refitter(engine, model, world=world)
     scorer = Scorer(config, run=run_info, micro_batch_size=config.trainer.micro_batch_size)
     with world.failures_named():
         before = greedy_reward(engine, tokenizer, eval_prompts, scorer, config.sampling, world=world) if eval_prompts else None
@@ -192,7 +193,7 @@ def run(config: RSConfig) -> RSSummary:
     after = None
     if eval_prompts:
         with world.failures_named():
-            engine_refitter(engine, model, world=world).refit()
+            refitter.refit()
             after = greedy_reward(engine, tokenizer, eval_prompts, scorer, config.sampling, world=world)
     close_world(world)
     summary = RSSummary(

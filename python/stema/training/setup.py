@@ -63,27 +63,16 @@ def start_run(config: Any, *, command: str) -> Run:
 def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Module:
     """`model` on the run's device; under torchrun with several processes, sharded by
     `stema.distributed.parallelize` as `config.distributed` asks (call it on every model the
-    ranks share: the policy, a frozen reference). `distributed.role_model.place_on_world` places
-    plain models. A LoRA (peft) model is sharded here per decoder layer like a plain one: its frozen
-    base weights and its adapters share the layers' FSDP2 groups and only the adapters train.
-    Refused, naming the field: LoRA with tensor parallel (the plan shards plain linear layers, not
-    peft's wrappers) and LoRA in a trainer that generates with the policy it trains (a `sampling`
-    section: `rs`, `spin`), whose engine is refit from the shards without the adapters."""
+    ranks share: the policy, a frozen reference). `distributed.role_model.place_on_world` does
+    the placing (LoRA models included); this adds the trainers' error naming the config field for
+    LoRA with tensor parallel. (`rs` and `spin` refuse LoRA under several processes when they
+    build their engine's refitter: `distributed.role_model.engine_refitter`.)"""
     from stema.distributed.role_model import place_on_world
     from stema.models.loading import is_lora_model
 
-    if not (run.world.distributed and is_lora_model(model)):
-        return place_on_world(model, run.world, config.distributed)
-    if config.distributed.tp_size > 1:
+    if run.world.distributed and is_lora_model(model) and config.distributed.tp_size > 1:
         raise ConfigError("model.lora: LoRA is not supported with tensor parallel (distributed.tp_size > 1); use tp_size 1")
-    if hasattr(config, "sampling"):
-        raise ConfigError(f"model.lora: stema {run.command} with LoRA runs in one process only (its generation engine is "
-                          "refit from the shards without the adapters); run it in one process")
-    from stema.distributed.parallelize import parallelize
-
-    cfg = config.distributed
-    return parallelize(model.to("cpu" if cfg.cpu_offload else run.world.device), mesh=run.world.mesh,
-                       mixed_precision=cfg.mixed_precision, cpu_offload=cfg.cpu_offload)
+    return place_on_world(model, run.world, config.distributed)
 
 
 def report_data(run: Run, split: str, examples: list, report: Any) -> None:
