@@ -253,21 +253,30 @@ class GenerationEngine:
             raise ValueError(f"{length} tokens exceed the engine's max_total_len ({self.max_total_len})")
 
     def _checked_prompts(self, prompt_token_lists, params: SamplingParams) -> list[list[int]]:
-        prompts = [[int(token) for token in prompt] for prompt in prompt_token_lists]
-        if not prompts:
-            raise ValueError("generate: no prompts")
-        for index, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"generate: prompt {index} is empty (a prompt needs at least one token)")
-            if min(prompt) < 0 or max(prompt) >= self.spec.vocab_size:
-                raise ValueError(f"generate: prompt {index} has a token id outside [0, {self.spec.vocab_size})")
-        longest = max(map(len, prompts))
-        if longest + params.max_new_tokens > self.max_total_len:
-            raise ValueError(
-                f"generate: the longest prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the engine's max_total_len ({self.max_total_len})"
-            )
-        return prompts
+        return checked_prompts(prompt_token_lists, params, vocab_size=self.spec.vocab_size, max_total_len=self.max_total_len,
+                               limit="the engine's max_total_len")
+
+
+def checked_prompts(prompt_token_lists, params: SamplingParams, *, vocab_size: int, max_total_len: int | None,
+                    limit: str) -> list[list[int]]:
+    """The prompts as lists of ints; ValueError for no prompts, an empty prompt, a token id outside
+    [0, vocab_size), or the longest prompt plus max_new_tokens above `max_total_len` (`limit`
+    names it in the message; None: no limit)."""
+    prompts = [[int(token) for token in prompt] for prompt in prompt_token_lists]
+    if not prompts:
+        raise ValueError("generate: no prompts")
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"generate: prompt {index} is empty (a prompt needs at least one token)")
+        if min(prompt) < 0 or max(prompt) >= vocab_size:
+            raise ValueError(f"generate: prompt {index} has a token id outside [0, {vocab_size})")
+    longest = max(map(len, prompts))
+    if max_total_len is not None and longest + params.max_new_tokens > max_total_len:
+        raise ValueError(
+            f"generate: the longest prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) "
+            f"exceeds {limit} ({max_total_len})"
+        )
+    return prompts
 
 
 class _BatchGeneration:

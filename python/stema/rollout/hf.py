@@ -35,7 +35,7 @@ import torch
 import stema_kernels
 
 from .architecture import unwrap_hf_model
-from .engine import Rollout, RolloutBatch, special_token_ids
+from .engine import Rollout, RolloutBatch, checked_prompts, special_token_ids
 from .sampling import SamplingParams, StopStringMatcher
 
 __all__ = ["HFGenerator"]
@@ -166,24 +166,10 @@ class HFGenerator:
         return generated.tolist(), recorder.finish(output)
 
     def _checked_prompts(self, prompt_token_lists, params: SamplingParams) -> list[list[int]]:
-        prompts = [[int(token) for token in prompt] for prompt in prompt_token_lists]
-        if not prompts:
-            raise ValueError("generate: no prompts")
         model = unwrap_hf_model(self.model)
-        vocab_size = model.get_input_embeddings().weight.shape[0]
-        for index, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"generate: prompt {index} is empty (a prompt needs at least one token)")
-            if min(prompt) < 0 or max(prompt) >= vocab_size:
-                raise ValueError(f"generate: prompt {index} has a token id outside [0, {vocab_size})")
-        longest = max(map(len, prompts))
-        positions = getattr(model.config, "max_position_embeddings", None)
-        if positions is not None and longest + params.max_new_tokens > positions:
-            raise ValueError(
-                f"generate: the longest prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                f"the {self.model_type} model's max_position_embeddings ({positions})"
-            )
-        return prompts
+        return checked_prompts(prompt_token_lists, params, vocab_size=model.get_input_embeddings().weight.shape[0],
+                               max_total_len=getattr(model.config, "max_position_embeddings", None),
+                               limit=f"the {self.model_type} model's max_position_embeddings")
 
 
 def _ended(prompt: list[int], generated: list[int], logprobs: torch.Tensor, *, eos: frozenset[int],
