@@ -184,3 +184,22 @@ def test_unsupported_lora_is_rejected(options, message, tokenizer):
     model = peft.get_peft_model(build_family_model("llama", tokenizer=tokenizer), peft.LoraConfig(r=2, **options))
     with pytest.raises(ValueError, match=message):
         GenerationEngine.from_hf(model, max_batch=1, max_total_len=8)
+
+
+def test_lora_is_refused_where_several_ranks_cannot_carry_the_adapters(tokenizer):
+    """The three places a LoRA model meets a limit of the multi-rank paths, each refused before
+    anything collective runs: the bucketed refit (its buckets carry base weights), the rs/spin
+    refitter of a world with several ranks (ConfigError naming model.lora), and tensor parallel."""
+    from stema.config import ConfigError
+    from stema.distributed.role_model import BucketedRefitter, engine_refitter, place_on_world
+    from stema.distributed.world import World
+
+    model = lora_model("llama", tokenizer, seed=6)
+    engine = GenerationEngine.from_hf(model, max_batch=1, max_total_len=16)
+    with pytest.raises(ValueError, match="not merged LoRA adapters"):
+        BucketedRefitter(engine, model, bucket_bytes=1 << 20)
+    with pytest.raises(ConfigError, match=r"model\.lora: stema rs with LoRA runs in one process only"):
+        engine_refitter(engine, model, world=World(role="rs", world_size=2))
+    with pytest.raises(ValueError, match=r"rank 0 of 2: LoRA is not supported with tensor parallel \(tp_size 2\)"):
+        place_on_world(model, World(role="sft", world_size=2, tp_size=2), distributed_cfg=None)
+    assert isinstance(engine_refitter(engine, model, world=World(role="rs")), EngineRefitter)  # one rank: merged refit

@@ -107,8 +107,8 @@ def generate_with_pool(pool, tokenizer: Any, config: PPOConfig, prompt_token_ids
         top_k=rollout.top_k,
         max_new_tokens=rollout.max_new_tokens,
         stop_strings=tuple(rollout.stop_strings),
-        seed=seed + first,
-    )
+        seed=seed,
+    ).for_block(first)
     started = time.perf_counter()
     result = pool.generate([list(prompt) for prompt in prompt_token_ids], params, tokenizer=tokenizer)
     return GenerationResult(
