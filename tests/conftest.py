@@ -39,3 +39,12 @@ def device(request) -> str:
 @pytest.fixture(scope="session")
 def build_info() -> dict:
     return stema_kernels.build_info()
+
+
+@pytest.fixture(scope="session")
+def llama_path(tmp_path_factory):
+    """A tiny random Llama folder (`stema.models.families`: hidden size 32, 2 layers), saved once for
+    the session; tests read it and never write into it."""
+    from stema.models.families import save_family_model
+
+    return save_family_model(tmp_path_factory.mktemp("models") / "llama", "llama")

@@ -13,8 +13,6 @@
 
 One local Ray session (2 CPUs) serves the file."""
 
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,8 +26,9 @@ from stema.config import ConfigError, DistributedConfig, PPOConfig, load_config
 from stema.distributed.role_model import BucketedRefitter, bucket_boundaries
 from stema.roles.groups import RowBlock, concat_rows, row_blocks, split_rows
 from stema.roles.handles import RoleError, start_role
-from stema.training.checkpoint import list_checkpoints
 from stema.training.logging import read_metrics
+
+from run_folders import died_after
 
 ray = pytest.importorskip("ray")
 two_ranks = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
@@ -196,11 +195,7 @@ def test_ppo_resumes_onto_the_same_curve_with_another_number_of_workers(ppo_runs
     of workers) loaded by 2-rank groups (each rank takes its shards) or by local roles: step 2 as
     in the straight run (the local and the group runs agree within 1e-5, see above)."""
     source = dict(zip(("local", "groups"), ppo_runs))[taken_with]
-    shutil.copytree(source / "checkpoints", tmp_path / "checkpoints")
-    for step, folder in list_checkpoints(tmp_path / "checkpoints"):
-        if step > 1:
-            shutil.rmtree(folder)
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(source) if r["step"] <= 1))
+    died_after(tmp_path, 1, source=source)
     workers = GROUPS if resumed_with == "groups" else []
     assert main(["ppo", f"trainer.output_dir={tmp_path}", *PPO, *workers, "trainer.resume=true"]) == 0
     resumed, straight = train_records(tmp_path), train_records(source)

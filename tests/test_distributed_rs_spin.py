@@ -14,7 +14,6 @@ from distributed_launch import argv, assert_same_curve, curve, gloo_available, t
 from stema.cli import main
 from stema.distributed import World
 from stema.distributed.blocks import spread_blocks
-from stema.models.families import save_family_model
 
 pytestmark = pytest.mark.skipif(not gloo_available, reason="torch.distributed with gloo is not available")
 
@@ -23,15 +22,10 @@ SAMPLING = ("data.eval=builtin", "data.builtin_eval_size=8", "sampling.batch_siz
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return save_family_model(tmp_path_factory.mktemp("model") / "llama", "llama")
-
-
-@pytest.fixture(scope="module")
-def reward_model(llama, tmp_path_factory):
+def reward_model(llama_path, tmp_path_factory):
     """A one-output reward model (`stema rm`, 2 steps): rewards that differ between samples."""
     out = tmp_path_factory.mktemp("rm")
-    assert main(argv("rm", out, llama, "trainer.max_steps=2")) == 0
+    assert main(argv("rm", out, llama_path, "trainer.max_steps=2")) == 0
     return out / "hf"
 
 
@@ -49,11 +43,11 @@ def test_distributed_blocks_in_one_process_run_every_block_with_its_first_index_
         spread_blocks(World(role="test"), list("abc"), block_size=3, work=lambda first, block: block[:2])
 
 
-def test_fsdp_rejection_sampling_two_processes_equal_one(llama, reward_model, tmp_path):
+def test_fsdp_rejection_sampling_two_processes_equal_one(llama_path, reward_model, tmp_path):
     extra = (*SAMPLING, "rs.num_samples=4", "sampling.max_new_tokens=12", f"rs.reward_model={reward_model}",
              "trainer.export_hf=false")
-    assert main(argv("rs", tmp_path / "one", llama, *extra)) == 0
-    torchrun_cli(2, argv("rs", tmp_path / "two", llama, *extra))
+    assert main(argv("rs", tmp_path / "one", llama_path, *extra)) == 0
+    torchrun_cli(2, argv("rs", tmp_path / "two", llama_path, *extra))
 
     samples = {run: [json.loads(line) for line in (tmp_path / run / "rs_samples.jsonl").read_text().splitlines()]
                for run in ("one", "two")}
@@ -71,12 +65,12 @@ def test_fsdp_rejection_sampling_two_processes_equal_one(llama, reward_model, tm
     assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
 
 
-def test_fsdp_spin_two_processes_equal_one(llama, tmp_path):
+def test_fsdp_spin_two_processes_equal_one(llama_path, tmp_path):
     from safetensors.torch import load_file
 
     extra = (*SAMPLING, "spin.iterations=2", "sampling.max_new_tokens=8", "preference.beta=0.5")
-    assert main(argv("spin", tmp_path / "one", llama, *extra)) == 0
-    torchrun_cli(2, argv("spin", tmp_path / "two", llama, *extra))
+    assert main(argv("spin", tmp_path / "one", llama_path, *extra)) == 0
+    torchrun_cli(2, argv("spin", tmp_path / "two", llama_path, *extra))
 
     history = {run: json.loads((tmp_path / run / "spin_summary.json").read_text())["iterations"] for run in ("one", "two")}
     assert [entry["iteration"] for entry in history["two"]] == [0, 1, 2]

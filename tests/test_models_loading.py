@@ -7,15 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from stema.config import ConfigError, LoraConfig, ModelConfig
-from stema.models import families, loading, tiny
+from stema.models import loading, tiny
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    """A tiny Llama folder (hidden size 32, 2 layers) saved once for the whole file."""
-    return families.save_family_model(tmp_path_factory.mktemp("models") / "llama", "llama")
 
 
 def model_config(path, **fields) -> ModelConfig:

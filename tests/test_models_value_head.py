@@ -4,13 +4,8 @@ import pytest
 import torch
 
 from stema.config import LoraConfig, ModelConfig
-from stema.models import families, loading
+from stema.models import loading
 from stema.models.value_head import token_values
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    return families.save_family_model(tmp_path_factory.mktemp("models") / "llama", "llama")
 
 
 def right_padded(tokenizer):

@@ -3,7 +3,6 @@ models of real architecture families, through the CLI; exports that transformers
 a killed run resumed onto the same loss curve."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from stema.cli import main
 from stema.config import RMConfig, SFTConfig, load_config
 from stema.models.families import save_family_model
-from stema.training.checkpoint import list_checkpoints
 from stema.training.logging import read_metrics
+
+from run_folders import died_after
 
 SMALL = [
     "data.train=builtin", "data.builtin_size=64", "data.max_length=48",
@@ -54,12 +54,7 @@ def test_sft_killed_after_a_checkpoint_resumes_onto_the_same_curve(tmp_path):
     common = ("trainer.max_steps=6", "trainer.save_every=3", "trainer.export_hf=false")
     straight = cli("sft", tmp_path / "straight", *common)
     # A run that died after its step-3 checkpoint: the same run with what came later removed.
-    died = cli("sft", tmp_path / "died", *common)
-    for step, folder in list_checkpoints(died / "checkpoints"):
-        if step > 3:
-            shutil.rmtree(folder)
-    records = read_metrics(died)
-    (died / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 3))
+    died = died_after(cli("sft", tmp_path / "died", *common), 3)
     cli("sft", died, *common, "trainer.resume=true")
     assert [r["loss"] for r in read_metrics(died, "train")] == [r["loss"] for r in read_metrics(straight, "train")]
 

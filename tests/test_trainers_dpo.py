@@ -4,7 +4,6 @@ architecture families; exports that transformers loads; a killed run resumed ont
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ from transformers import AutoModelForCausalLM
 from stema.cli import main
 from stema.data import builtin
 from stema.models.families import save_family_model
-from stema.training.checkpoint import list_checkpoints
 from stema.training.logging import read_metrics
+
+from run_folders import died_after
 
 SMALL = [
     "data.builtin_size=32", "data.max_length=48",
@@ -88,12 +88,7 @@ def test_precomputed_reference_logprobs_give_the_live_reference_losses(tmp_path,
 def test_dpo_killed_after_a_checkpoint_resumes_onto_the_same_curve(tmp_path):
     common = ("trainer.max_steps=4", "trainer.save_every=2", "trainer.export_hf=false", "optim.lr=1e-3")
     straight = cli("dpo", tmp_path / "straight", *common)
-    died = cli("dpo", tmp_path / "died", *common)
-    for step, folder in list_checkpoints(died / "checkpoints"):
-        if step > 2:
-            shutil.rmtree(folder)
-    records = read_metrics(died)
-    (died / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 2))
+    died = died_after(cli("dpo", tmp_path / "died", *common), 2)
     cli("dpo", died, *common, "trainer.resume=true")
     assert losses(died) == losses(straight)
 

@@ -2,8 +2,6 @@
 every advantage estimator, each reference mode, rewards from a function or a reward model,
 exports that transformers loads, in-place refit, exact resume, and learning on a simple reward."""
 
-import json
-import shutil
 
 import pytest
 import torch
@@ -12,8 +10,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from stema.cli import main
 from stema.config import PPOConfig, load_config
 from stema.roles.workers import ActorWorker
-from stema.training.checkpoint import list_checkpoints
 from stema.training.logging import read_metrics
+
+from run_folders import died_after
 
 SMALL = [
     "data.train=builtin", "data.builtin_size=64", "data.max_length=32", "rollout.max_new_tokens=6",
@@ -110,12 +109,7 @@ def test_ppo_killed_after_a_checkpoint_resumes_onto_the_same_curve(tmp_path):
     common = ("trainer.max_steps=4", "trainer.save_every=2", "trainer.export_hf=false", "optim.lr=1e-3", "ppo.ppo_epochs=2",
               "ppo.minibatch_size=4", "ppo.normalize_rewards=true", "ppo.kl_target=1.0")
     straight = cli("ppo", tmp_path / "straight", *common)
-    died = cli("ppo", tmp_path / "died", *common)
-    for step, folder in list_checkpoints(died / "checkpoints"):
-        if step > 2:
-            shutil.rmtree(folder)
-    records = read_metrics(died)
-    (died / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 2))
+    died = died_after(cli("ppo", tmp_path / "died", *common), 2)
     cli("ppo", died, *common, "trainer.resume=true")
     keys = ("loss", "reward", "kl", "kl_coef", "critic/vf_loss", "response_length")
     resumed = [{k: r[k] for k in keys} for r in read_metrics(died, "train")]
