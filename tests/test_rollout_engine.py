@@ -18,7 +18,7 @@ from stema.rollout import (
     logprob_mismatch,
     response_token_logprobs,
 )
-from stema.rollout.sampling import make_generator, sample_next_tokens
+from stema.rollout.sampling import StopStringMatcher, make_generator, sample_next_tokens
 
 from tiny_models import scramble
 
@@ -208,6 +208,50 @@ def test_stop_strings_end_sequences(tokenizer):
     assert batch.sequences[0].finish_reason == "stop" and len(batch.sequences[0].token_ids) <= 4
     with pytest.raises(ValueError, match="need a tokenizer"):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=4, stop_strings=["x"]))
+
+
+def subword_tokenizer(kind: str):
+    """A small BPE tokenizer trained in code: `bytelevel` (GPT-2's byte-level pieces, so one
+    character may take several tokens) or `metaspace` (Llama/sentencepiece style, with byte
+    fallback: a decoded window may drop the leading space of its first word)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["the cat sat on the mat. ### User: café naïve 日本語 tokens 1234"] * 4 + ["日本 the end ### Assistant:"] * 4
+    if kind == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = Tokenizer(models.BPE(byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[f"<0x{b:02X}>" for b in range(256)])
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_stop_strings_are_found_from_a_window_as_from_the_whole_response(kind):
+    """The matcher decodes only the response's last tokens; it stops at the same token as
+    decoding the whole response each time would, including stop strings of multi-byte characters
+    split across tokens and stop strings that start with a space."""
+    tokenizer = subword_tokenizer(kind)
+    rng = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer)
+    found = 0
+    for stop in ("### User:", " the end", "日本", "🙂", "€ü", "\n\n"):  # the last three: not in the corpus
+        matcher = StopStringMatcher((stop,), tokenizer)  # its window: 4 tokens per character + 8
+        for _ in range(40):
+            before = torch.randint(vocab, (int(torch.randint(0, 3 * matcher.window, (1,), generator=rng)),), generator=rng).tolist()
+            after = torch.randint(vocab, (5,), generator=rng).tolist()
+            response = before + tokenizer.encode("x" + stop + "y", add_special_tokens=False) + after
+            whole = next((k for k in range(1, len(response) + 1) if stop in tokenizer.decode(response[:k])), None)
+            windowed = next((k for k in range(1, len(response) + 1) if matcher.matches(response[:k])), None)
+            assert windowed == whole, stop
+            found += whole is not None
+    assert found == 240  # every response holds its stop string somewhere
 
 
 def test_max_new_tokens_and_the_padded_form(tokenizer):

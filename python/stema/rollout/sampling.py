@@ -132,19 +132,29 @@ def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: S
 
 
 class StopStringMatcher:
-    """Tells whether a response's decoded text contains one of the stop strings."""
+    """Tells whether a response's decoded text contains one of the stop strings.
+
+    Checked after every new token, so a match is always one the newest token completed: only the
+    response's last `window` tokens are decoded (a constant cost per token instead of decoding the
+    whole response each time). A stop string of n characters takes at most 4n tokens (a UTF-8
+    character is at most 4 bytes, and no token is shorter than a byte); the window adds
+    `_WINDOW_MARGIN` tokens before them, so that a character split across tokens, or a leading
+    space a tokenizer drops from the first token it decodes, sits outside the match."""
+
+    _WINDOW_MARGIN = 8
 
     def __init__(self, stop_strings: tuple[str, ...], tokenizer) -> None:
         if stop_strings and tokenizer is None:
             raise ValueError("SamplingParams.stop_strings need a tokenizer: pass generate(..., tokenizer=...)")
         self.stop_strings = stop_strings
         self.tokenizer = tokenizer
+        self.window = 4 * max((len(stop) for stop in stop_strings), default=0) + self._WINDOW_MARGIN
 
     def __bool__(self) -> bool:
         return bool(self.stop_strings)
 
     def matches(self, response_token_ids: list[int]) -> bool:
-        """Whether the decoded response contains a stop string (checked after every new token,
-        so a match is always one the newest token completed)."""
-        text = self.tokenizer.decode(response_token_ids)
+        """Whether the decoded response contains a stop string, given that it did not before its
+        newest token."""
+        text = self.tokenizer.decode(response_token_ids[-self.window:])
         return any(stop in text for stop in self.stop_strings)
