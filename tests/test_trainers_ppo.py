@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from stema.cli import main
 from stema.config import PPOConfig, load_config
+from stema.models.families import build_family_model
+from stema.models.tiny import build_tokenizer
 from stema.roles.workers import ActorWorker
 from stema.training.logging import read_metrics
 
@@ -72,6 +74,59 @@ def test_grpo_raises_a_reward_the_tiny_policy_can_learn(tmp_path):
               f"reward.function={__name__}:starts_with_one", "trainer.export_hf=false")
     rewards = [r["reward"] for r in read_metrics(out, "train")]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.2, rewards
+
+
+@pytest.fixture(scope="module")
+def gpt2_path(tmp_path_factory):
+    """A tiny GPT-2 (a family the rollout engine does not serve) with its matrices drawn from
+    N(0, 0.3^2): its 0.02 initialization gives near-uniform logits, too flat to learn from in a
+    few steps."""
+    path = tmp_path_factory.mktemp("gpt2") / "gpt2"
+    tokenizer = build_tokenizer()
+    model = build_family_model("gpt2", tokenizer=tokenizer)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_ppo_on_a_family_the_engine_does_not_serve_generates_with_transformers(tmp_path, gpt2_path):
+    """The actor falls back to transformers' generate on the policy itself (`HFGenerator`): the
+    sampled tokens' log-probs are the trainer's after every update (nothing to refit), a critic
+    learns beside it, and the exports are GPT-2 models."""
+    out = cli("ppo", tmp_path, f"model.path={gpt2_path}", "trainer.max_steps=3", "optim.lr=1e-3", "data.eval=builtin",
+              "data.builtin_eval_size=8", "trainer.eval_every=2", f"reward.function={__name__}:first_character_below_m")
+    records = read_metrics(out, "train")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert max(r["engine_logprob_mismatch_max"] for r in records) < 1e-4
+    assert all(r["generated_tokens"] > 0 for r in records)
+    actor = AutoModelForCausalLM.from_pretrained(out / "hf")
+    start = AutoModelForCausalLM.from_pretrained(gpt2_path)
+    assert actor.config.model_type == "gpt2"
+    assert not torch.equal(actor.transformer.h[0].mlp.c_fc.weight, start.transformer.h[0].mlp.c_fc.weight)  # trained
+    assert AutoModelForSequenceClassification.from_pretrained(out / "critic_hf").config.model_type == "gpt2"
+
+
+def test_grpo_learns_through_the_transformers_fallback(tmp_path, gpt2_path):
+    out = cli("grpo", tmp_path, f"model.path={gpt2_path}", "trainer.max_steps=15", "optim.lr=1e-2",
+              "optim.schedule=constant", f"reward.function={__name__}:first_character_below_m", "trainer.export_hf=false")
+    rewards = [r["reward"] for r in read_metrics(out, "train")]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.2, rewards
+
+
+@pytest.mark.parametrize(("overrides", "field"), [(["rollout.num_engines=2"], "rollout.num_engines"),
+                                                    (["rollout.engine_dtype=bfloat16"], "rollout.engine_dtype"),
+                                                    (["roles.backend=ray", "roles.placement=disaggregated"], "roles.placement")])
+def test_the_transformers_fallback_refuses_engine_settings(tmp_path, gpt2_path, overrides, field, capsys):
+    """Refused before any role starts, the message naming the setting."""
+    assert main(["ppo", f"trainer.output_dir={tmp_path}", *SMALL, f"model.path={gpt2_path}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"{field}: the rollout engine does not serve 'gpt2' models" in err and "transformers' generate()" in err
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("mode", ["lora", "cpu_offload"])

@@ -7,7 +7,8 @@ so their generation memory (the static KV cache) is held only while they generat
 
 The cache tensor object stays the same (its storage is resized to 0 bytes and back), so the
 engine and its decoder keep their references; the weight buffers, which refit writes in place,
-are never touched. A cache that comes back is zeroed, as a fresh engine's is.
+are never touched. A cache that comes back is zeroed, as a fresh engine's is. Generators without a
+static cache (`HFGenerator`: transformers allocates its cache per call) are passed over.
 """
 
 from __future__ import annotations
@@ -28,15 +29,20 @@ def _cache_capacity(engine) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _with_cache(engines: Sequence) -> list:
+    return [engine for engine in engines if hasattr(engine, "cache")]
+
+
 def release_kv_cache(engines: Sequence) -> None:
     """Free each engine's KV cache memory (to the allocator; on CUDA to the caching allocator)."""
-    for engine in engines:
+    for engine in _with_cache(engines):
         engine.cache.tensor.untyped_storage().resize_(0)
 
 
 @contextlib.contextmanager
 def kv_cache_held(engines: Sequence) -> Iterator[None]:
     """Each engine's KV cache allocated and zeroed inside the block, released when it ends."""
+    engines = _with_cache(engines)
     try:
         for engine in engines:
             engine.cache.tensor.untyped_storage().resize_(_cache_capacity(engine))

@@ -5,7 +5,8 @@ Each worker builds its own model from the run's `PPOConfig`, so a worker in anot
 only the config. Tensors cross role boundaries on the CPU (`stema.roles.experience` layout).
 
 - `ActorWorker`: the policy, its optimizer and its rollout engines (STEMA's generation engine,
-  refitted in place from the policy after every update); generates, scores its own tokens, trains
+  refitted in place from the policy after every update; for a family the engine does not serve,
+  transformers' `generate` on the policy itself); generates, scores its own tokens, trains
   with the clipped PPO loss. With `roles.reference: lora` it is also the reference (adapters off).
   With `roles.placement: disaggregated` it holds no engines: the rollout role does
   (`stema.roles.disaggregated.RolloutWorker`), and the actor's refit sends it the weights.
@@ -78,14 +79,38 @@ def merge_generations(results: list[GenerationResult]) -> GenerationResult:
 def build_engines(model: torch.nn.Module, config: PPOConfig) -> list:
     """`rollout.num_engines` `GenerationEngine`s holding copies of `model`'s weights, in
     `rollout.engine_dtype`, sized for `rollout.max_batch` prompts of `data.max_length` tokens plus
-    `rollout.max_new_tokens`."""
-    from stema.rollout import GenerationEngine
+    `rollout.max_new_tokens`.
+
+    For a model family the engine does not serve (GPT-2, Gemma, Phi-3, ...): one `HFGenerator`
+    generating with `model` itself through transformers' `generate` (slower; its refit copies
+    nothing), where `check_generation_fallback` allows it."""
+    from stema.generation import build_generator
+    from stema.rollout import GenerationEngine, UnsupportedModelError
 
     rollout = config.rollout
     dtype = None if rollout.engine_dtype == "auto" else _DTYPES[rollout.engine_dtype]
     max_total_len = config.data.max_length + rollout.max_new_tokens
-    return [GenerationEngine.from_hf(model, dtype=dtype, max_batch=rollout.max_batch, max_total_len=max_total_len)
-            for _ in range(rollout.num_engines)]
+    try:
+        return [GenerationEngine.from_hf(model, dtype=dtype, max_batch=rollout.max_batch, max_total_len=max_total_len)
+                for _ in range(rollout.num_engines)]
+    except UnsupportedModelError as unsupported:
+        check_generation_fallback(config, f"the rollout engine does not serve this model ({unsupported})")
+        return [build_generator(model, max_batch=rollout.max_batch, max_total_len=max_total_len)]
+
+
+def check_generation_fallback(config: PPOConfig, why: str) -> None:
+    """ConfigError naming the first setting that keeps the actor from generating with
+    transformers' `generate` on the policy itself (`why`: the engine's refusal): that needs the
+    colocated placement, one actor worker, one engine and the policy's own dtype."""
+    from stema.config import ConfigError
+
+    for field, value, needed in (("roles.placement", config.roles.placement, "colocated"),
+                                 ("roles.actor_workers", config.roles.actor_workers, 1),
+                                 ("rollout.num_engines", config.rollout.num_engines, 1),
+                                 ("rollout.engine_dtype", config.rollout.engine_dtype, "auto")):
+        if value != needed:
+            raise ConfigError(f"{field}: {why}, so the actor would generate with transformers' generate() on the "
+                              f"policy itself, which needs {field} {needed} (got {value})")
 
 
 def generate_with_pool(pool, tokenizer: Any, config: PPOConfig, prompt_token_ids: Sequence[Sequence[int]], *, seed: int,
@@ -240,9 +265,9 @@ class ActorWorker:
     workers (`RemoteEngineRefitter`), and generation is the rollout role's."""
 
     def __init__(self, *, config: PPOConfig, cache_dir: str, total_steps: int, engine_receivers: Any = None):
-        from stema.distributed.role_model import BucketedRefitter
+        from stema.distributed.role_model import engine_refitter
         from stema.models.loading import load_policy
-        from stema.rollout import EngineRefitter, RolloutPool
+        from stema.rollout import RolloutPool
         from stema.training.logprobs import ReferenceModel
 
         seed_everything(config.trainer.seed)
@@ -260,10 +285,9 @@ class ActorWorker:
             from .disaggregated import RemoteEngineRefitter
 
             self.refitters = [RemoteEngineRefitter(self.model, engine_receivers, bucket_bytes=bucket_bytes, world=self.world)]
-        elif self.world.distributed:
-            self.refitters = [BucketedRefitter(engine, self.model, bucket_bytes=bucket_bytes) for engine in self.engines]
-        else:
-            self.refitters = [EngineRefitter(engine, self.model) for engine in self.engines]
+        else:  # in place (EngineRefitter), from the shards (BucketedRefitter), or nothing to copy (HFGenerator)
+            self.refitters = [engine_refitter(engine, self.model, world=self.world, bucket_bytes=bucket_bytes)
+                              for engine in self.engines]
         self.reference = ReferenceModel(self.model, adapters_disabled=True) if config.roles.reference == "lora" else None
         self.updater = _Updater(self.model, config.optim, total_steps=total_steps, max_grad_norm=config.optim.max_grad_norm,
                                 world=self.world)
