@@ -78,8 +78,8 @@ def _check_model_type(model: torch.nn.Module, config) -> None:
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"GenerationEngine does not implement {_architecture_name(model, config)}: it runs the Llama "
-            f"family ({', '.join(SUPPORTED_MODEL_TYPES)}). GPT-2 and Gemma are planned, not implemented yet; "
-            "use the Hugging Face model's own generate() for them meanwhile"
+            f"family ({', '.join(SUPPORTED_MODEL_TYPES)}); stema.rollout.HFGenerator (transformers' generate(), "
+            "which stema generate, rs, spin and ppo fall back to) runs the others"
         )
     activation = getattr(config, "hidden_act", "silu")
     if activation not in SILU_NAMES:
