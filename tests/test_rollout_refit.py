@@ -200,6 +200,6 @@ def test_lora_is_refused_where_several_ranks_cannot_carry_the_adapters(tokenizer
         BucketedRefitter(engine, model, bucket_bytes=1 << 20)
     with pytest.raises(ConfigError, match=r"model\.lora: stema rs with LoRA runs in one process only"):
         engine_refitter(engine, model, world=World(role="rs", world_size=2))
-    with pytest.raises(ValueError, match=r"rank 0 of 2: LoRA is not supported with tensor parallel \(tp_size 2\)"):
+    with pytest.raises(ConfigError, match=r"model\.lora: LoRA is not supported with tensor parallel \(distributed\.tp_size 2\)"):
         place_on_world(model, World(role="sft", world_size=2, tp_size=2), distributed_cfg=None)
     assert isinstance(engine_refitter(engine, model, world=World(role="rs")), EngineRefitter)  # one rank: merged refit

@@ -24,16 +24,18 @@ def place_on_world(model: torch.nn.Module, world: World, distributed_cfg: Any) -
     """`model` on the world's device; with several ranks sharded by `parallelize` as
     `distributed_cfg` (a `DistributedConfig`) asks. A LoRA (peft) model is sharded like a plain
     one (its frozen base weights and its adapters share the decoder layers' FSDP2 groups; only the
-    adapters train); with tensor parallel it is refused (the plan shards plain linear layers, not
-    peft's wrappers)."""
+    adapters train); with tensor parallel it is refused with a ConfigError naming `model.lora` (the
+    plan shards plain linear layers, not peft's wrappers)."""
     if not world.distributed:
         return model.to(world.device)
+    from stema.config import ConfigError
     from stema.models.loading import is_lora_model
 
     from .parallelize import parallelize
 
     if is_lora_model(model) and world.tp_size > 1:
-        raise ValueError(f"{world.describe()}: LoRA is not supported with tensor parallel (tp_size {world.tp_size}); use tp_size 1")
+        raise ConfigError(f"model.lora: LoRA is not supported with tensor parallel (distributed.tp_size {world.tp_size}); "
+                          "use tp_size 1")
     return parallelize(
         model.to("cpu" if distributed_cfg.cpu_offload else world.device), mesh=world.mesh,
         mixed_precision=distributed_cfg.mixed_precision, cpu_offload=distributed_cfg.cpu_offload,

@@ -114,7 +114,6 @@ class _PoolRun:
     def tallies(self, num_workers: int) -> list[_WorkerTally]:
         return [self._tallies.get(worker, _WorkerTally()) for worker in range(num_workers)]
 
-
     def work(self, worker: int, engine) -> None:
         tally = self._tallies.setdefault(worker, _WorkerTally())
         try:

@@ -5,11 +5,11 @@ section 3.2.3; RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767).
    prompts from data.eval, when given); prompts longer than data.max_length are dropped and counted.
 2. Build the rollout engine from the policy's weights (before the policy is sharded under
    torchrun; for a family the engine does not serve, `stema.generation.build_generator` falls back
-   to transformers' generate on the policy itself, in one process only) and sample `rs.num_samples` responses per prompt (`sampling`: temperature, top-p,
-   top-k). The rows (prompt p's samples are rows p*n .. p*n+n-1) go in blocks of
-   `sampling.batch_size`, block b to data-parallel rank b mod N (`stema.distributed.blocks`); a
-   block starting at row r samples with seed `sampling.seed` + r, so every world size samples the
-   same responses.
+   to transformers' generate on the policy itself, in one process only) and sample
+   `rs.num_samples` responses per prompt (`sampling`: temperature, top-p, top-k). The rows
+   (prompt p's samples are rows p*n .. p*n+n-1) go in blocks of `sampling.batch_size`, block b to
+   data-parallel rank b mod N (`stema.distributed.blocks`); a block starting at row r samples with
+   seed `sampling.seed` + r, so every world size samples the same responses.
 3. Score every response, block by block on the rank that sampled it: the reward model
    `rs.reward_model` (a one-output `stema rm` export, sharing the policy's tokenizer) on prompt +
    response tokens, or else the reward function `rs.reward_function` on the decoded text. The

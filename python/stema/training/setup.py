@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from stema.config import ConfigError, to_yaml
+from stema.config import to_yaml
 from stema.distributed import World, close_world, init_world
 
 
@@ -63,15 +63,12 @@ def start_run(config: Any, *, command: str) -> Run:
 def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Module:
     """`model` on the run's device; under torchrun with several processes, sharded by
     `stema.distributed.parallelize` as `config.distributed` asks (call it on every model the
-    ranks share: the policy, a frozen reference). `distributed.role_model.place_on_world` does
-    the placing (LoRA models included); this adds the trainers' error naming the config field for
-    LoRA with tensor parallel. (`rs` and `spin` refuse LoRA under several processes when they
-    build their engine's refitter: `distributed.role_model.engine_refitter`.)"""
+    ranks share: the policy, a frozen reference): `distributed.role_model.place_on_world`, which
+    places LoRA models too and refuses them with tensor parallel. (`rs` and `spin` refuse LoRA
+    under several processes when they build their engine's refitter:
+    `distributed.role_model.engine_refitter`.)"""
     from stema.distributed.role_model import place_on_world
-    from stema.models.loading import is_lora_model
 
-    if run.world.distributed and is_lora_model(model) and config.distributed.tp_size > 1:
-        raise ConfigError("model.lora: LoRA is not supported with tensor parallel (distributed.tp_size > 1); use tp_size 1")
     return place_on_world(model, run.world, config.distributed)
 
 
