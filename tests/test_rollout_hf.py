@@ -19,6 +19,8 @@ from stema.models.tiny import build_tokenizer
 from stema.rollout import GenerationEngine, HFGenerator, SamplingParams, response_token_logprobs
 from stema.training.logging import read_metrics
 
+from tiny_models import spread
+
 PROMPTS = ["hello", "ab", "what is 1+1?", "x", "The quick brown", "7*8="]
 
 
@@ -30,13 +32,7 @@ def tokenizer():
 def spread_gpt2(tokenizer, *, seed: int):
     """A tiny GPT-2 (24K parameters) whose matrices are drawn from N(0, 0.3^2): varied greedy
     choices far from ties (its 0.02 initialization gives near-uniform logits)."""
-    model = build_family_model("gpt2", tokenizer=tokenizer)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model.eval()
+    return spread(build_family_model("gpt2", tokenizer=tokenizer), seed=seed).eval()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from stema.roles.workers import ActorWorker
 from stema.training.logging import read_metrics
 
 from run_folders import died_after
+from tiny_models import spread
 
 SMALL = [
     "data.train=builtin", "data.builtin_size=64", "data.max_length=32", "rollout.max_new_tokens=6",
@@ -83,13 +84,7 @@ def gpt2_path(tmp_path_factory):
     few steps."""
     path = tmp_path_factory.mktemp("gpt2") / "gpt2"
     tokenizer = build_tokenizer()
-    model = build_family_model("gpt2", tokenizer=tokenizer)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    model.save_pretrained(path)
+    spread(build_family_model("gpt2", tokenizer=tokenizer), seed=3).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

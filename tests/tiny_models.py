@@ -24,18 +24,23 @@ def scramble(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def save_spread_model(path, spec, *, seed: int, std: float = 0.3):
-    """A tiny Llama folder (model + character tokenizer) built from `spec` whose matrices are drawn
-    from N(0, std^2) with `seed`; returns `path`."""
-    from stema.models.tiny import build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    model = build_model(spec, tokenizer)
+def spread(model: torch.nn.Module, *, seed: int, std: float = 0.3) -> torch.nn.Module:
+    """`model` with its matrices redrawn from N(0, std^2) with `seed` (vectors: norms, biases, kept
+    as initialized): logits far from the near-uniform ones of the 0.02 initialization."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() > 1:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-    model.save_pretrained(path)
+    return model
+
+
+def save_spread_model(path, spec, *, seed: int, std: float = 0.3):
+    """A tiny Llama folder (model + character tokenizer) built from `spec` whose matrices are drawn
+    from N(0, std^2) with `seed` (`spread`); returns `path`."""
+    from stema.models.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    spread(build_model(spec, tokenizer), seed=seed, std=std).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
