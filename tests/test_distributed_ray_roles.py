@@ -231,7 +231,7 @@ def test_ppo_with_disaggregated_rollout_workers_equals_local_roles(ppo_runs, dis
     assert set(engine) == set(expected)
     for name, tensor in engine.items():
         assert torch.equal(tensor, expected[name]), name
-    assert export_gap(out / "hf", local / "hf") <= 1e-6
+    assert_export_matches(out / "hf", local)
 
 
 def export_gap(exported: Path, reference: Path) -> float:
@@ -240,9 +240,30 @@ def export_gap(exported: Path, reference: Path) -> float:
 
     exported_state, reference_state = (AutoModelForCausalLM.from_pretrained(path).state_dict() for path in (exported, reference))
     assert set(exported_state) == set(reference_state)
-    gap = max(float((exported_state[name] - reference_state[name]).abs().max()) for name in reference_state)
-    print(f"{exported}: largest weight difference to the local export {gap:.1e} over {len(reference_state)} tensors")
-    return gap
+    return max(float((exported_state[name] - reference_state[name]).abs().max()) for name in reference_state)
+
+
+# Why the export is held to a fraction of the training update rather than to an absolute 1e-6:
+# the sharded and the local run sum the same per-row gradients in another order (gloo's reduce-
+# scatter, GEMMs of other shapes), which leaves each gradient element off by about 2^-24 of the
+# magnitude of the terms summed into it. AdamW divides each update by the element's running RMS
+# gradient (+ eps 1e-8), so where terms cancel to a gradient near zero (|g| ~ 1e-8 .. 1e-7) that
+# absolute error becomes a relative error of the update of up to ~1e-2: the 8 updates of lr 1e-3
+# here then differ by up to ~8 x 1e-3 x 1e-2 = 8e-5 in the worst element, while every element
+# with a clear gradient agrees to ~1e-7 x lr. Measured: 1.3e-5 on an Intel Xeon (AVX-512/AMX),
+# below 1e-6 on an AMD EPYC. The bound below is 1% of the largest weight change training made
+# (about lr x updates = 8e-3): a stale export, a shard gathered into the wrong place or a missing
+# update is off by the whole change, 100x the bound.
+EXPORT_GAP_OF_UPDATE = 1e-2
+
+
+def assert_export_matches(exported: Path, local: Path) -> None:
+    """`exported` equals the local run's export up to EXPORT_GAP_OF_UPDATE of the largest weight
+    change that training made (the local export against the tiny model it started from)."""
+    gap, update = export_gap(exported, local / "hf"), export_gap(local / "hf", local / "cache" / "tiny")
+    print(f"{exported}: largest weight difference to the local export {gap:.1e}; largest training update {update:.1e}")
+    assert update > 1e-4  # training moved the weights, so the bound below is not vacuous
+    assert gap <= EXPORT_GAP_OF_UPDATE * update
 
 
 @two_ranks
@@ -250,7 +271,7 @@ def test_a_sharded_actor_exports_the_hf_model_of_the_local_run(ppo_runs):
     """hf/ written from the 2-rank actor (gathered from its shards on rank 0) loads in transformers
     and holds the local run's weights."""
     local, groups = ppo_runs
-    assert export_gap(groups / "hf", local / "hf") <= 1e-6
+    assert_export_matches(groups / "hf", local)
 
 
 def _epoch_orders(seed: int) -> list[torch.Tensor]:
