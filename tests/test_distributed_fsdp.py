@@ -40,7 +40,7 @@ def test_fsdp_sft_two_processes_equal_one(sft_runs):
 def test_fsdp_checkpoint_from_two_processes_resumes_in_one_onto_the_same_curve(sft_runs, llama_path, tmp_path):
     one, two = sft_runs
     resumed = died_after(tmp_path / "resumed", 3, source=two)
-    state = torch.load(resumed / "checkpoints" / "step-00000003" / "trainer_state.pt", weights_only=False)
+    state = torch.load(resumed / "checkpoints" / "step-00000003" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2
     assert main(argv("sft", resumed, llama_path, "trainer.save_every=3", "trainer.resume=true")) == 0
     assert_same_curve(curve(resumed), curve(one))

@@ -181,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stema {command.name}: config error: {error}", file=sys.stderr)
         return 2
     from stema.data.errors import DataError
+    from stema.training.folder import RunFolderError
 
     try:
         command.run(config)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, RunFolderError) as error:
         print(f"stema {command.name}: {error}", file=sys.stderr)
         return 2
     return 0

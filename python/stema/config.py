@@ -121,7 +121,11 @@ class TrainerConfig:
     keep_checkpoints: int = option(2, "Newest checkpoints to keep.")
     log_every: int = option(1, "Log metrics every N steps.")
     seed: int = option(0, "Seed for initialization, shuffling and dropout.")
-    resume: bool = option(False, "Continue from the newest checkpoint in output_dir.")
+    resume: bool = option(
+        False, "Continue from the newest checkpoint in output_dir; refused when the checkpoint's settings differ in a way that "
+        "cannot apply (docs/reliability.md). Without it, a non-empty output_dir is refused."
+    )
+    overwrite: bool = option(False, "Start anew in a non-empty output_dir: its old content is moved aside to <output_dir>.old-<k> first.")
     precision: Literal["auto", "fp32", "bf16"] = option("auto", "'auto': bf16 autocast on GPU, fp32 on CPU.")
     progress_bar: bool = option(True, "Show a progress bar with loss and tokens/s.")
     tensorboard: bool = option(True, "Also write TensorBoard events when tensorboard is installed.")
@@ -460,7 +464,8 @@ class SPINConfig:
 class DemoConfig:
     """`stema demo`: the built-in tiny model and task end to end on a CPU, with no download."""
 
-    out: str = option("runs/demo", "Output folder: results.json, the table, loss-curve PNGs and every stage's model.")
+    out: str = option("runs/demo", "Output folder: results.json, the table, loss-curve PNGs and every stage's model; it must be absent or empty.")
+    overwrite: bool = option(False, "Rerun into a non-empty out folder: its old content is moved aside to <out>.old-<k> first.")
     stages: str = option("default", "Comma-separated stages to run in order, 'default', or 'all'.")
     seed: int = option(0, "Seed for the tiny model, the task data and training.")
     num_train: int = option(4000, "Built-in training questions (SFT examples and preference pairs).")
@@ -620,17 +625,35 @@ def _nest(dotted: str, value: Any) -> dict:
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Defaults of `cls`, then the YAML file's values, then `key=value` overrides, all type-checked."""
     config = cls()
+    places: dict[str, str] = {}  # dotted key -> where its value was last set, for cross-field errors
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        values, lines = _yaml_with_lines(path.read_text(), str(path))
+        values, lines = _yaml_with_lines(_read_text(path), str(path))
         _apply(config, values, _Source(str(path), lines))
+        places.update({key: f"{path}:{line}" for key, line in lines.items()})
     for override in overrides:
         key, value = parse_override(override)
         _apply(config, _nest(key, value), _Source(f"command line ({override})"))
-    validate(config)
+        places[key] = f"command line ({override})"
+    try:
+        validate(config)
+    except ConfigError as error:
+        key = re.match(r"[A-Za-z_][\w.]*", str(error))
+        where = places.get(key.group(0)) if key else None
+        raise (ConfigError(f"{where}: {error}") if where else error) from None
     return config
+
+
+def _read_text(path: Path) -> str:
+    """A config file's text; bytes that are not UTF-8 are a ConfigError naming line and byte offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8: byte 0x{data[error.start]:02x} at byte offset {error.start}") from None
 
 
 def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -> None:
@@ -644,6 +667,10 @@ def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -
                 f"{prefix}global_batch_size ({config.global_batch_size}) must be a multiple of "
                 f"micro_batch_size ({config.micro_batch_size})"
             )
+    if isinstance(config, OptimConfig):
+        _validate_optim(config, prefix)
+    if isinstance(config, TrainerConfig):
+        _validate_trainer_counts(config, prefix)
     if isinstance(config, PreferenceConfig):
         if config.beta <= 0:
             raise ConfigError(f"{prefix}beta must be > 0, got {config.beta}")
@@ -670,6 +697,28 @@ def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value):
             validate(value, f"{prefix}{item.name}.", batch_of_prompts=isinstance(config, PPOConfig))
+
+
+def _validate_optim(config: OptimConfig, prefix: str) -> None:
+    for name, value, ok, rule in (
+        ("lr", config.lr, config.lr >= 0, ">= 0"),
+        ("weight_decay", config.weight_decay, config.weight_decay >= 0, ">= 0"),
+        ("eps", config.eps, config.eps > 0, "> 0"),
+        ("betas", config.betas, len(config.betas) == 2 and all(0 <= beta < 1 for beta in config.betas), "two values in [0, 1)"),
+        ("warmup_steps", config.warmup_steps, config.warmup_steps >= 0, ">= 0"),
+        ("min_lr_ratio", config.min_lr_ratio, 0 <= config.min_lr_ratio <= 1, "in [0, 1]"),
+        ("max_grad_norm", config.max_grad_norm, config.max_grad_norm >= 0, ">= 0 (0 turns clipping off)"),
+    ):
+        if not ok:
+            raise ConfigError(f"{prefix}{name} must be {rule}, got {value}")
+
+
+def _validate_trainer_counts(config: TrainerConfig, prefix: str) -> None:
+    for name, least in (("max_steps", 0), ("epochs", 1), ("eval_every", 0), ("save_every", 0), ("keep_checkpoints", 1), ("log_every", 1)):
+        if getattr(config, name) < least:
+            raise ConfigError(f"{prefix}{name} must be >= {least}, got {getattr(config, name)}")
+    if config.resume and config.overwrite:
+        raise ConfigError(f"{prefix}resume and {prefix}overwrite: set one of them (continue the run, or move it aside and start anew)")
 
 
 def _validate_ppo(config: PPOConfig) -> None:

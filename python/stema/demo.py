@@ -53,6 +53,7 @@ from stema.config import (
 from stema.data import builtin, load_preference_data
 from stema.evaluation import mean_reward, preference_accuracy
 from stema.models.tiny import TinyModelSpec, save_tiny_model
+from stema.training.folder import RunFolderError, is_empty_folder, move_aside
 from stema.training.logging import read_metrics
 
 MAX_NEW_TOKENS = 6  # answers are at most 3 digits, then <|end|>
@@ -89,6 +90,14 @@ class Demo:
     def __init__(self, config: DemoConfig):
         self.config = config
         self.out = Path(config.out)
+        if config.overwrite:
+            moved = move_aside(self.out)
+            if moved is not None:
+                _say(f"overwrite: moved the previous content of {self.out} to {moved}")
+        elif self.out.exists() and not is_empty_folder(self.out):
+            raise RunFolderError(
+                f"out: {self.out} already holds a demo run; choose another folder (--out) or pass overwrite=true to move it aside"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         self.heldout = builtin.heldout_prompts(config.num_heldout, config.seed)
         self.results: dict[str, dict] = {}

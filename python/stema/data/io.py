@@ -39,7 +39,7 @@ def read_records(path: str | Path) -> list[Record]:
     if path.is_dir():
         records = _read_saved_dataset(path)
     elif path.suffix == ".jsonl":
-        records = _read_jsonl(path, path.read_text(encoding="utf-8"))
+        records = _read_jsonl(path, _read_text(path))
     elif path.suffix == ".json":
         records = _read_json(path)
     elif path.suffix == ".parquet":
@@ -56,7 +56,7 @@ def read_records(path: str | Path) -> list[Record]:
 
 def _read_jsonl(path: Path, text: str) -> list[Record]:
     records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         location = f"{path}:{line_number}"
@@ -64,12 +64,31 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
             value = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{location}: invalid JSON: {error.msg} (column {error.colno})") from None
+        except RecursionError:
+            raise DataError(f"{location}: invalid JSON: nested too deeply") from None
         records.append(Record(_as_object(value, location), location))
     return records
 
 
+def _read_text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are a DataError naming the line and byte offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8: byte 0x{data[error.start]:02x} at byte offset {error.start} (column {column}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _read_json(path: Path) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if not text.strip():
         return []
     try:

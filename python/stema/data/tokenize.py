@@ -47,17 +47,19 @@ class LengthReport:
     truncated: int = 0
     dropped: int = 0
     dropped_long_prompt: int = 0
+    identical_pairs: int = 0  # preference pairs dropped because chosen equals rejected (after any truncation)
     longest: int = 0
 
     @property
     def total(self) -> int:
-        return self.kept + self.dropped
+        return self.kept + self.dropped + self.identical_pairs
 
     def summary(self) -> str:
         truncated = f" ({self.truncated} truncated to {self.max_length} tokens)" if self.truncated else ""
         long_prompts = f", {self.dropped_long_prompt} of them because the prompt alone reaches max_length" if self.dropped_long_prompt else ""
         dropped = f"; {self.dropped} dropped as longer than max_length={self.max_length}{long_prompts}" if self.dropped else ""
-        return f"{self.name}: {self.total} examples, {self.kept} kept{truncated}{dropped}; longest {self.longest} tokens"
+        identical = f"; {self.identical_pairs} pairs dropped as their chosen and rejected are the same" if self.identical_pairs else ""
+        return f"{self.name}: {self.total} examples, {self.kept} kept{truncated}{dropped}{identical}; longest {self.longest} tokens"
 
     def fit(self, length: int, prompt_length: int, *, truncation: Truncation, location: str) -> int | None:
         """Record one example of `length` tokens (`prompt_length` of them prompt); its kept length, None to drop."""
@@ -242,12 +244,19 @@ def tokenize_preference(
     truncation: Truncation = "drop",
     report: LengthReport | None = None,
 ) -> TokenizedPair | None:
-    """Tokenize a preference pair; a pair is over-long when either side is, and 'truncate' cuts each side's end."""
+    """Tokenize a preference pair; a pair is over-long when either side is, and 'truncate' cuts each
+    side's end. A pair whose chosen and rejected tokens are the same (after any truncation) teaches
+    nothing: it is dropped and counted in the report."""
     report = report or LengthReport("preference", max_length)
     chosen_ids, chosen_trained, prompt_length = encode_completion(example.prompt, example.chosen, tokenizer, location=example.location)
     rejected_ids, rejected_trained, _ = encode_completion(example.prompt, example.rejected, tokenizer, location=example.location)
     kept = report.fit(max(len(chosen_ids), len(rejected_ids)), prompt_length, truncation=truncation, location=example.location)
     if kept is None:
+        return None
+    if chosen_ids[:kept] == rejected_ids[:kept]:
+        report.kept -= 1
+        report.truncated -= int(kept < max(len(chosen_ids), len(rejected_ids)))
+        report.identical_pairs += 1
         return None
     return TokenizedPair(
         prompt_ids=chosen_ids[:prompt_length],

@@ -111,6 +111,55 @@ def resolve_model_path(model_cfg: ModelConfig, *, cache_dir: str | Path) -> Path
     return path
 
 
+WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+
+
+def model_folders(config) -> list[tuple[str, str]]:
+    """(dotted key, path) of every local model folder `config` names (the built-in 'tiny' and
+    PPO's critic 'auto' are not folders)."""
+    candidates = [("model.path", getattr(getattr(config, "model", None), "path", ""))]
+    critic = getattr(config, "critic", None)
+    if critic is not None:
+        candidates.append(("critic.path", critic.path))
+    reward = getattr(config, "reward", None)
+    candidates.append(("reward.model", getattr(reward, "model", "")))
+    rs = getattr(config, "rs", None)
+    candidates.append(("rs.reward_model", getattr(rs, "reward_model", "")))
+    return [(key, path) for key, path in candidates if path and path not in (TINY, "auto")]
+
+
+def check_model_folder(key: str, path: str | Path) -> None:
+    """A ConfigError naming `key` and the file unless `path` is a complete Hugging Face model
+    folder: config.json that parses, a tokenizer that loads, weights. Loads no weights."""
+    import json
+
+    try:
+        folder = resolve_model_path(ModelConfig(path=str(path)), cache_dir="").resolve()
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("model.path:", f"{key}:", 1)) from None
+    config_file = folder / "config.json"
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f"{config_file}:{error.lineno}" if isinstance(error, json.JSONDecodeError) else str(config_file)
+        raise ConfigError(f"{key}: {where}: not a valid config.json ({str(error).splitlines()[0]})") from None
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ConfigError(f"{key}: {folder} has no weights (model.safetensors, its index, or pytorch_model.bin)")
+    try:
+        load_tokenizer(folder)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("model.path:", f"{key}:", 1)) from None
+    except Exception as error:  # transformers raises OSError, ValueError, TypeError, ... for a missing or broken tokenizer
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(f"{key}: {folder} has no usable tokenizer ({reason})") from None
+
+
+def check_model_folders(config) -> None:
+    """`check_model_folder` on every folder of `model_folders(config)`, before anything is written or loaded."""
+    for key, path in model_folders(config):
+        check_model_folder(key, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and models
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from stema.models.loading import load_policy
 from stema.training import TrainResult
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.loop import autocast_context, evaluate_sums, to_device
-from stema.training.setup import fit, load_splits, place_model, start_run
+from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 
 
 @dataclass(frozen=True)
@@ -144,14 +144,15 @@ class DPOAlgorithm:
 
 
 def run(config: DPOConfig) -> TrainResult:
-    run_info = start_run(config, command="dpo")
-    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+    run_info = start_run(config, command="dpo", data_kind="preference")
     preference = config.preference
-    reference = ReferenceModel.of(model) if uses_reference(preference.loss) else None
-    if reference is not None and not reference.adapters_disabled:
-        reference.model = place_model(run_info, config, reference.model)
-    model = place_model(run_info, config, model)
-    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_preference_data)
+    with preparing(run_info):
+        _, train_examples, eval_examples = prepare_data(run_info, config, load_preference_data)
+        model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+        reference = ReferenceModel.of(model) if uses_reference(preference.loss) else None
+        if reference is not None and not reference.adapters_disabled:
+            reference.model = place_model(run_info, config, reference.model)
+        model = place_model(run_info, config, model)
 
     if reference is not None and preference.precompute_ref_logprobs:
         precompute = dict(

@@ -35,7 +35,7 @@ from stema.models.loading import load_policy
 from stema.training import TrainResult
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.loop import autocast_context, evaluate_sums, to_device
-from stema.training.setup import fit, load_splits, place_model, start_run
+from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 
 
 def _prompt_length(example: TokenizedUnpaired) -> int:
@@ -131,13 +131,14 @@ class KTOAlgorithm:
 
 
 def run(config: KTOConfig) -> TrainResult:
-    run_info = start_run(config, command="kto")
-    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
-    reference = ReferenceModel.of(model)
-    if not reference.adapters_disabled:
-        reference.model = place_model(run_info, config, reference.model)
-    model = place_model(run_info, config, model)
-    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_unpaired_data)
+    run_info = start_run(config, command="kto", data_kind="unpaired")
+    with preparing(run_info):
+        _, train_examples, eval_examples = prepare_data(run_info, config, load_unpaired_data)
+        model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+        reference = ReferenceModel.of(model)
+        if not reference.adapters_disabled:
+            reference.model = place_model(run_info, config, reference.model)
+        model = place_model(run_info, config, model)
     algorithm = KTOAlgorithm(
         policy=model,
         reference=reference,

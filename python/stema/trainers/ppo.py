@@ -49,7 +49,8 @@ from stema.rollout import logprob_mismatch
 from stema.training import checkpoint
 from stema.training.logging import MetricsLogger, progress_bar
 from stema.training.sampler import EpochSampler
-from stema.training.setup import Run, load_splits, start_run
+from stema.training.folder import truncate_metrics
+from stema.training.setup import Run, load_splits, preparing, start_run
 from stema_kernels.reference import kl_from_log_ratio
 
 
@@ -288,7 +289,8 @@ class PPOController:
             "rng": checkpoint.rng_state(),
             "algorithm": f"ppo/{self.config.ppo.advantage}",
         }
-        checkpoint.save_checkpoint(self.run.output_dir / "checkpoints", step, state, keep=self.config.trainer.keep_checkpoints)
+        checkpoint.save_checkpoint(self.run.output_dir / "checkpoints", step, state, keep=self.config.trainer.keep_checkpoints,
+                                   settings=self.run.settings)
 
     def resume(self) -> int | None:
         found = checkpoint.load_latest_checkpoint(self.run.output_dir / "checkpoints")
@@ -317,6 +319,7 @@ class PPOController:
             if resumed is not None:
                 step = result.resumed_from = resumed
                 self.run.say(f"resumed from step {step}")
+        truncate_metrics(self.run.output_dir, step)
         logger = MetricsLogger(self.run.output_dir, tensorboard=trainer.tensorboard)
         bar = progress_bar(self.total_steps, step, enabled=trainer.progress_bar, description=f"ppo/{self.config.ppo.advantage}")
         try:
@@ -372,7 +375,8 @@ def check_policy_generation(config: PPOConfig, model_path) -> None:
 
 
 def run(config: PPOConfig, *, command: str = "ppo") -> PPOResult:
-    run_info = start_run(config, command=command)
+    # The role workers build their lr schedules over the run's step count when they start.
+    run_info = start_run(config, command=command, data_kind="prompt", fixed_on_resume=("trainer.max_steps", "trainer.epochs"))
     if run_info.world.distributed:
         raise ConfigError(
             f"stema {command} runs as one controller process, not under torchrun with {run_info.world.world_size} processes: "
@@ -381,15 +385,14 @@ def run(config: PPOConfig, *, command: str = "ppo") -> PPOResult:
     total_steps = config.trainer.max_steps
     from stema.models.loading import load_tokenizer
 
-    model_path = resolve_model_path(config.model, cache_dir=run_info.cache_dir)
-    check_policy_generation(config, model_path)
-    tokenizer = load_tokenizer(model_path)
-    prompts, eval_prompts = load_splits(run_info, config.data, tokenizer, load_prompts)
-    if total_steps < 1:
-        total_steps = config.trainer.epochs * (len(prompts) // config.trainer.global_batch_size)
-    if total_steps < 1:
-        raise ValueError(f"nothing to train: {len(prompts)} prompts give no global batch of {config.trainer.global_batch_size}")
-    roles = Roles(config, run_info, total_steps=total_steps)
+    with preparing(run_info):
+        model_path = resolve_model_path(config.model, cache_dir=run_info.cache_dir)
+        check_policy_generation(config, model_path)
+        tokenizer = load_tokenizer(model_path)
+        prompts, eval_prompts = load_splits(run_info, config.data, tokenizer, load_prompts, batch_size=config.trainer.global_batch_size)
+        if total_steps < 1:
+            total_steps = config.trainer.epochs * (len(prompts) // config.trainer.global_batch_size)
+        roles = Roles(config, run_info, total_steps=total_steps)
     try:
         controller = PPOController(config, run_info, roles, prompts=prompts, eval_prompts=eval_prompts, total_steps=total_steps)
         result = controller.fit()

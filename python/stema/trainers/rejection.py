@@ -45,7 +45,7 @@ from stema.distributed.blocks import spread_blocks
 from stema.generation import build_generator, sampling_params, write_jsonl_atomic
 from stema.models.loading import load_policy, load_reward_model
 from stema.rewards import RewardModelScorer, load_reward_function, score_with_function
-from stema.training.setup import Run, fit, load_splits, place_model, start_run
+from stema.training.setup import Run, fit, place_model, prepare_data, preparing, start_run
 from stema.trainers.sft import SFTAlgorithm
 
 
@@ -142,11 +142,12 @@ def greedy_reward(engine, tokenizer, items: Sequence[TokenizedPrompt], scorer: S
 def run(config: RSConfig) -> RSSummary:
     from stema.distributed.role_model import engine_refitter
 
-    run_info = start_run(config, command="rs")
+    run_info = start_run(config, command="rs", data_kind="prompt")
     world = run_info.world
-    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
-    model.to(run_info.device)
-    train_prompts, eval_items = load_splits(run_info, config.data, tokenizer, load_prompts)
+    with preparing(run_info):
+        _, train_prompts, eval_items = prepare_data(run_info, config, load_prompts)
+        model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+        model.to(run_info.device)
     prompts = [item.prompt for item in train_prompts]
     eval_prompts = eval_items or []
     n = config.rs.num_samples

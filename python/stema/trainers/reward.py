@@ -16,14 +16,14 @@ from typing import Sequence
 
 import torch
 
-from stema.config import RMConfig
+from stema.config import ConfigError, RMConfig
 from stema.data import collate_attributes, collate_pairs, load_attribute_data, load_preference_data
 from stema.losses import get_loss
 from stema.losses.reward import IGNORE_LABEL
 from stema.models.loading import load_reward_model
 from stema.training import TrainResult
 from stema.training.loop import evaluate_sums
-from stema.training.setup import fit, load_splits, place_model, start_run
+from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 
 
 def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -93,15 +93,17 @@ class RegressionRewardAlgorithm:
 
 
 def run(config: RMConfig) -> TrainResult:
-    run_info = start_run(config, command="rm")
-    model, tokenizer = load_reward_model(
-        config.model, num_labels=config.reward.num_attributes, cache_dir=run_info.cache_dir, seed=config.trainer.seed
-    )
-    model = place_model(run_info, config, model)
-    if config.reward.loss == "bradley_terry":
-        if config.reward.num_attributes != 1:
-            raise ValueError("reward.loss=bradley_terry trains a scalar reward: set reward.num_attributes=1")
-        load = load_preference_data
+    pairwise = config.reward.loss == "bradley_terry"
+    if pairwise and config.reward.num_attributes != 1:
+        raise ConfigError("reward.num_attributes: reward.loss=bradley_terry trains a scalar reward: set reward.num_attributes=1")
+    run_info = start_run(config, command="rm", data_kind="preference" if pairwise else "attributes")
+    with preparing(run_info):
+        _, train_examples, eval_examples = prepare_data(run_info, config, load_preference_data if pairwise else load_attribute_data)
+        model, tokenizer = load_reward_model(
+            config.model, num_labels=config.reward.num_attributes, cache_dir=run_info.cache_dir, seed=config.trainer.seed
+        )
+        model = place_model(run_info, config, model)
+    if pairwise:
         algorithm = PairwiseRewardAlgorithm(
             pad_id=tokenizer.pad_token_id,
             use_margin=config.reward.margin,
@@ -109,9 +111,7 @@ def run(config: RMConfig) -> TrainResult:
             micro_batch_size=config.trainer.micro_batch_size,
         )
     else:
-        load = load_attribute_data
         algorithm = RegressionRewardAlgorithm(pad_id=tokenizer.pad_token_id, micro_batch_size=config.trainer.micro_batch_size)
-    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load)
     return fit(
         run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm,
         train_examples=train_examples, eval_examples=eval_examples,

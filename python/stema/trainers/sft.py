@@ -27,7 +27,7 @@ from stema.losses import get_loss
 from stema.models.loading import load_policy
 from stema.training import TrainResult
 from stema.training.loop import evaluate_sums
-from stema.training.setup import fit, load_splits, place_model, start_run
+from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 
 IGNORE_INDEX = -100
 
@@ -91,12 +91,14 @@ class SFTAlgorithm:
         return {"loss": totals["loss"], "perplexity": math.exp(min(totals["loss"], 50.0)), "tokens": tokens}
 
 
-def run(config: SFTConfig, *, command: str = "sft", load: Callable = load_sft_data) -> TrainResult:
-    """SFT under `config`; `load` reads the examples (`stema steerlm` passes its attribute-conditioned loader)."""
-    run_info = start_run(config, command=command)
-    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
-    model = place_model(run_info, config, model)
-    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load)
+def run(config: SFTConfig, *, command: str = "sft", load: Callable = load_sft_data, kind: str = "sft") -> TrainResult:
+    """SFT under `config`; `load` reads the examples of data `kind` (`stema steerlm` passes its
+    attribute-conditioned loader)."""
+    run_info = start_run(config, command=command, data_kind=kind)
+    with preparing(run_info):
+        _, train_examples, eval_examples = prepare_data(run_info, config, load)
+        model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+        model = place_model(run_info, config, model)
     algorithm = SFTAlgorithm(
         pad_id=tokenizer.pad_token_id,
         packing=config.data.packing,

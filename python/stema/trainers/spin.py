@@ -57,7 +57,7 @@ from stema.models.loading import eval_mode, load_policy
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.logging import read_metrics
 from stema.training.loop import autocast_context, to_device
-from stema.training.setup import export_model, fit, load_splits, place_model, start_run
+from stema.training.setup import export_model, fit, place_model, prepare_data, preparing, start_run
 from stema.trainers.dpo import DPOAlgorithm, precompute_reference_logprobs
 
 
@@ -125,13 +125,14 @@ def append_iteration_metrics(output_dir: Path, iteration_dir: str | Path, *, ite
 def run(config: SPINConfig) -> dict:
     from stema.distributed.role_model import engine_refitter
 
-    run_info = start_run(config, command="spin")
+    run_info = start_run(config, command="spin", data_kind="sft")
     world = run_info.world
     if world.is_main:
         (run_info.output_dir / "metrics.jsonl").unlink(missing_ok=True)  # rebuilt from the iterations' records
-    model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
-    model.to(run_info.device)
-    train_examples, eval_examples = load_splits(run_info, config.data, tokenizer, load_sft_data)
+    with preparing(run_info):
+        _, train_examples, eval_examples = prepare_data(run_info, config, load_sft_data)
+        model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
+        model.to(run_info.device)
     prompts = [example.input_ids[: prompt_length(example)] for example in train_examples]
 
     longest = max(len(prompt) for prompt in prompts + [example.input_ids for example in eval_examples or []])

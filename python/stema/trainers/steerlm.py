@@ -33,7 +33,7 @@ from stema.data.steerlm import condition_prompt, format_attributes, load_steered
 from stema.data.tokenize import LengthReport, encode_prompt
 from stema.generation import generate as generate_responses
 from stema.generation import write_jsonl_atomic
-from stema.models.loading import eval_mode, load_policy, load_tokenizer, resolve_model_path
+from stema.models.loading import check_model_folders, eval_mode, load_policy, load_tokenizer, resolve_model_path
 from stema.rewards import right_padded
 from stema.training import TrainResult
 from stema.distributed import World
@@ -67,6 +67,8 @@ def annotate(config: AnnotateConfig) -> Path:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     run = _output_run("annotate", config.annotate.output)
+    check_model_folders(config)
+    examples = read_examples(config.data, kind="sft", split="train")  # every record checked before the model loads
     path = resolve_model_path(config.model, cache_dir=run.output_dir / "cache")
     tokenizer = load_tokenizer(path)
     if not any(name.endswith("ForSequenceClassification") for name in AutoConfig.from_pretrained(path, local_files_only=True).architectures or []):
@@ -79,7 +81,6 @@ def annotate(config: AnnotateConfig) -> Path:
             f"{model.config.num_labels} outputs; list one name per output, in label order"
         )
     model.to(run.device)
-    examples = read_examples(config.data, kind="sft", split="train")
     report = LengthReport(f"train data ({config.data.train})", config.data.max_length)
     kept, sequences = [], []
     for example in examples:
@@ -110,9 +111,10 @@ def generate(config: GenerateConfig) -> Path:
     """Step 4: complete `data.train`'s prompts, each steered by `generate.attributes` when given."""
     run_info = _output_run("generate", config.generate.output)
     seed_everything(config.sampling.seed)
+    check_model_folders(config)
+    prompts = [example.prompt for example in read_examples(config.data, kind="prompt", split="train")]
     model, tokenizer = load_policy(config.model, cache_dir=run_info.output_dir / "cache")
     model.to(run_info.device)
-    prompts = [example.prompt for example in read_examples(config.data, kind="prompt", split="train")]
     if config.generate.attributes:
         values = parse_attributes(config.generate.attributes, min_value=config.steer.min_value, max_value=config.steer.max_value)
         prompts = [condition_prompt(prompt, format_attributes(values)) for prompt in prompts]

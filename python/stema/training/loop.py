@@ -12,8 +12,11 @@ Each optimizer step:
    checkpoint on their schedules.
 
 A checkpoint holds the trainable weights and optimizer (sharded, `torch.distributed.checkpoint`),
-the lr schedule, rank 0's RNGs and the sampler's position, so `resume=true` continues the same
-loss curve exactly, also at another world size.
+the lr schedule, rank 0's RNGs, the sampler's position and the run's settings, so `resume=true`
+continues the same loss curve exactly, also at another world size. Resume refuses a checkpoint
+whose settings differ from this run's except where a change can apply (`stema.training.folder`),
+cuts `metrics.jsonl` back to the checkpoint's step, and, when the step count changed, continues
+the learning rate from the value it had reached (`optim.continued_anchor`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -33,8 +36,9 @@ from stema.distributed.parallelize import clip_grad_norm_, reshard, set_gradient
 from stema.models.loading import eval_mode
 
 from . import checkpoint
+from .folder import RunFolderError, compare_settings, flatten, truncate_metrics
 from .logging import MetricsLogger, progress_bar
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, continued_anchor, schedule_state
 from .sampler import EpochSampler
 
 
@@ -108,6 +112,25 @@ def run_evaluation(model: torch.nn.Module, algorithm: Algorithm, examples: Seque
         return algorithm.evaluate(model, examples)
 
 
+def resume_point(checkpoint_root: Path, settings: dict, *, resume: bool) -> tuple[int, dict] | None:
+    """(step, state) of the checkpoint to resume from, None to start at step 0. Refuses (a
+    RunFolderError) a checkpoint whose settings this run cannot take over, and a new run into a
+    folder that already holds checkpoints (retention would mix the two runs)."""
+    checkpoints = checkpoint.list_checkpoints(checkpoint_root)
+    if not checkpoints:
+        return None
+    if not resume:
+        raise RunFolderError(
+            f"trainer.output_dir: {checkpoint_root} holds another run's checkpoints; set trainer.resume=true "
+            "to continue it, or choose another folder"
+        )
+    step, folder = checkpoints[-1]
+    saved = checkpoint.read_settings(folder)
+    if saved:
+        compare_settings(saved, settings, where=folder)
+    return step, checkpoint.read_state(folder)
+
+
 def train(
     *,
     model: torch.nn.Module,
@@ -118,9 +141,14 @@ def train(
     optim_cfg: OptimConfig,
     shuffle: bool = True,
     world: World | None = None,
+    settings: dict | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Run the loop described in the module docstring on this rank of `world` (default: one
-    process); returns the last step's metrics (summed over ranks, the same on every rank)."""
+    process); returns the last step's metrics (summed over ranks, the same on every rank).
+
+    `settings` (`stema.training.folder.run_settings`; default: the trainer and optim configs,
+    flattened) go into every checkpoint and are compared on resume; `say` reports the resume."""
     world = world or World(role=algorithm.name)
     output_dir = Path(trainer_cfg.output_dir)
     checkpoint_root = output_dir / "checkpoints"
@@ -138,23 +166,28 @@ def train(
         )
     per_rank = trainer_cfg.global_batch_size // world.dp_size
 
+    settings = settings if settings is not None else flatten({"trainer": trainer_cfg, "optim": optim_cfg})
+    found = resume_point(checkpoint_root, settings, resume=trainer_cfg.resume)
+
     torch.manual_seed(trainer_cfg.seed)
     sampler = EpochSampler(len(train_examples), batch_size=trainer_cfg.global_batch_size, seed=trainer_cfg.seed, shuffle=shuffle)
     reshard(model)  # the optimizer must hold the shards, also after no-grad forwards before training
     optimizer = build_optimizer(model, optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg, total_steps=steps)
     step = 0
     result = TrainResult(step=0)
-
-    if trainer_cfg.resume:
-        found = checkpoint.load_latest_checkpoint(checkpoint_root)
-        if found is not None:
-            step, state = found
-            load_model_optimizer(checkpoint.checkpoint_dir(checkpoint_root, step) / checkpoint.SHARDED_DIR, model, optimizer)
-            scheduler.load_state_dict(state["scheduler"])
-            sampler.load_state_dict(state["sampler"])
-            checkpoint.set_rng_state(state["rng"])
-            result.resumed_from = step
+    anchor = None
+    if found is not None:
+        step, state = found
+        anchor = continued_anchor(state.get("schedule"), step=step, total_steps=steps, cfg=optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, total_steps=steps, anchor=anchor)
+    if found is not None:
+        load_model_optimizer(checkpoint.checkpoint_dir(checkpoint_root, step) / checkpoint.SHARDED_DIR, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        result.resumed_from = step
+        if say is not None:
+            say(f"resumed from step {step} of {steps}")
 
     def save(at_step: int) -> None:
         checkpoint.save_checkpoint(
@@ -164,14 +197,18 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "sampler": sampler.state_dict(),
                 "rng": checkpoint.rng_state(),
+                "schedule": schedule_state(total_steps=steps, anchor=anchor),
                 "algorithm": algorithm.name,
                 "world_size": world.world_size,
             },
             keep=trainer_cfg.keep_checkpoints,
             write_sharded=lambda folder: save_model_optimizer(folder, model, optimizer),
             world=world,
+            settings=settings,
         )
 
+    if world.is_main:
+        truncate_metrics(output_dir, step)
     logger = MetricsLogger(output_dir, tensorboard=trainer_cfg.tensorboard) if world.is_main else None
     bar = progress_bar(steps, step, enabled=trainer_cfg.progress_bar and world.is_main, description=algorithm.name)
     micro_size = trainer_cfg.micro_batch_size

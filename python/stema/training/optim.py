@@ -29,15 +29,19 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     )
 
 
-def lr_multiplier(step: int, *, total_steps: int, cfg: OptimConfig) -> float:
+def lr_multiplier(step: int, *, total_steps: int, cfg: OptimConfig, anchor: tuple[int, float] | None = None) -> float:
     """Factor on the peak lr at optimizer step `step` (0-based): linear warmup from 0, then cosine
-    or linear decay down to `min_lr_ratio` at `total_steps`, or constant."""
+    or linear decay down to `min_lr_ratio` at `total_steps`, or constant.
+
+    The decay follows its progress p (0 at the end of warmup, 1 at `total_steps`); `anchor`
+    (s0, p0) makes p run linearly from p0 at step s0 to 1 at `total_steps` instead (default
+    (warmup_steps, 0)). A resumed run whose step count changed anchors at its resumed step
+    (`continued_anchor`), so its lr continues from the value it had reached, without a jump."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    progress = decay_progress(step, total_steps=total_steps, cfg=cfg, anchor=anchor)
     if cfg.schedule == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
@@ -45,5 +49,32 @@ def lr_multiplier(step: int, *, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps=total_steps, cfg=cfg))
+def decay_progress(step: int, *, total_steps: int, cfg: OptimConfig, anchor: tuple[int, float] | None = None) -> float:
+    """How far the decay has gone at `step`, in [0, 1] (see `lr_multiplier`)."""
+    start, start_progress = anchor or (cfg.warmup_steps, 0.0)
+    if step <= start:
+        return start_progress
+    return min(1.0, start_progress + (1.0 - start_progress) * (step - start) / max(1, total_steps - start))
+
+
+def continued_anchor(saved: dict | None, *, step: int, total_steps: int, cfg: OptimConfig) -> tuple[int, float] | None:
+    """The anchor of a run resumed at `step` with `total_steps`, from the checkpoint's schedule
+    (`schedule_state`): unchanged when the step count is the same or warmup is not over, else
+    (step, the progress reached at `step` under the old schedule)."""
+    if not saved:
+        return None
+    anchor = tuple(saved["anchor"]) if saved.get("anchor") else None
+    if saved["total_steps"] == total_steps or step <= cfg.warmup_steps:
+        return anchor
+    return step, decay_progress(step, total_steps=saved["total_steps"], cfg=cfg, anchor=anchor)
+
+
+def schedule_state(*, total_steps: int, anchor: tuple[int, float] | None) -> dict:
+    """What a checkpoint keeps of the schedule's shape (plain values)."""
+    return {"total_steps": total_steps, "anchor": list(anchor) if anchor else None}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int, anchor: tuple[int, float] | None = None):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps=total_steps, cfg=cfg, anchor=anchor)
+    )

@@ -1,20 +1,41 @@
 """Set-up and wrap-up that every trainer shares: output folder, saved config, device, seeds, the
 process group under torchrun, model placement (FSDP2 / tensor parallel), data reports and the
-final Hugging Face export."""
+final Hugging Face export.
+
+A trainer's `run` is, in this order: `start_run` (checks that need no writing: the output folder
+is free or resumable, a resumed checkpoint's settings fit, the model folders are complete, every
+data record parses; then the folder and its config.yaml), then under `run.preparing()` the
+tokenizer, the data (tokenized, at least one global batch) and only then the model, then `fit`.
+Bad input thus stops the run before any model is loaded, and a new run that stops while preparing
+leaves its output folder as it found it (absent or empty).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from stema.config import to_yaml
 from stema.distributed import World, close_world, init_world
+
+from . import checkpoint
+from .folder import (
+    RunFolderError,
+    check_output_dir,
+    clear_folder,
+    compare_settings,
+    is_empty_folder,
+    move_aside,
+    run_settings,
+    write_file,
+)
 
 
 @dataclass
@@ -23,6 +44,9 @@ class Run:
     output_dir: Path
     device: torch.device
     world: World
+    settings: dict = field(default_factory=dict)  # what each checkpoint records (`folder.run_settings`)
+    was_empty: bool = False  # the output folder was absent or empty (or moved aside): `preparing` undoes it on failure
+    new_folder: bool = False  # the output folder was absent (or moved aside): `preparing` removes it on failure
 
     @property
     def cache_dir(self) -> Path:
@@ -45,19 +69,74 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_run(config: Any, *, command: str) -> Run:
-    """Join the process group when launched by torchrun, create the output folder, save the
-    resolved config beside the results (rank 0), seed, pick the device."""
+def start_run(config: Any, *, command: str, data_kind: str | None = None, fixed_on_resume: tuple[str, ...] = ()) -> Run:
+    """Join the process group when launched by torchrun; check, writing nothing, that the output
+    folder is free (or, with `trainer.resume`, that its checkpoint's settings fit this config),
+    that the model folders are complete and that every record of the data (read as `data_kind`,
+    `stema.data.formats.Kind`; None: not checked here) parses; then create the output folder
+    (moving an old one aside under `trainer.overwrite`), save the resolved config beside the
+    results (rank 0), seed, pick the device. Errors are ConfigError, DataError or RunFolderError.
+    `fixed_on_resume` names settings this trainer cannot change on resume although the shared
+    loop can (`folder.APPLY_ON_RESUME`)."""
+    from stema.models.loading import check_model_folders
+
     world = init_world(config.distributed, role=command)
-    output_dir = Path(config.trainer.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if world.is_main:
-        (output_dir / "config.yaml").write_text(to_yaml(config))
-    seed_everything(config.trainer.seed)
+    trainer_cfg = config.trainer
+    output_dir = Path(trainer_cfg.output_dir)
     run = Run(command=command, output_dir=output_dir, device=world.device, world=world)
+    check_output_dir(output_dir, resume=trainer_cfg.resume, overwrite=trainer_cfg.overwrite)
+    check_model_folders(config)
+    if data_kind is not None:
+        from stema.data.dataset import read_examples
+
+        for split in ("train", "eval"):
+            read_examples(config.data, kind=data_kind, split=split)
+    run.settings = run_settings(config)
+    applied = _check_resume(output_dir, run.settings, fixed_on_resume) if trainer_cfg.resume else None
+    run.new_folder = not output_dir.exists()
+    run.was_empty = run.new_folder or is_empty_folder(output_dir)
+    world.barrier()  # every rank has checked the folder before rank 0 moves it aside
+    if world.is_main:
+        moved = move_aside(output_dir) if applied is None and trainer_cfg.overwrite else None
+        if moved is not None:
+            run.new_folder = run.was_empty = True
+            run.say(f"trainer.overwrite: moved the previous content of {output_dir} to {moved}")
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunFolderError(f"trainer.output_dir: cannot create {output_dir}: {error.strerror}") from None
+        write_file(output_dir / "config.yaml", to_yaml(config))
+    world.barrier()
+    seed_everything(trainer_cfg.seed)
     where = f", {world.world_size} processes ({world.dp_size} data x {world.tp_size} tensor parallel)" if world.distributed else ""
     run.say(f"output in {output_dir}, device {world.device}{where}")
+    if applied:
+        run.say("settings changed since the checkpoint, applied on resume: " + "; ".join(applied))
     return run
+
+
+def _check_resume(output_dir: Path, settings: dict, fixed: tuple[str, ...]) -> list[str] | None:
+    """Changes that apply on resume from the newest checkpoint in `output_dir`; None when there is
+    no checkpoint to resume (the run starts anew, metrics from step 0)."""
+    checkpoints = checkpoint.list_checkpoints(output_dir / "checkpoints")
+    if not checkpoints:
+        return None
+    folder = checkpoints[-1][1]
+    saved = checkpoint.read_settings(folder)
+    return compare_settings(saved, settings, where=folder, refuse=fixed) if saved else []
+
+
+@contextlib.contextmanager
+def preparing(run: Run) -> Iterator[None]:
+    """Wrap a trainer's steps between `start_run` and training (tokenizer, data, models): when one
+    fails, an output folder that was absent or empty is put back so (removed, or emptied), and
+    bad input leaves nothing behind. A folder that held anything is left alone."""
+    try:
+        yield
+    except BaseException:
+        if run.was_empty and run.world.is_main:
+            clear_folder(run.output_dir, existed=not run.new_folder)
+        raise
 
 
 def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Module:
@@ -74,20 +153,40 @@ def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Modul
 
 def report_data(run: Run, split: str, examples: list, report: Any) -> None:
     """Print how many examples were kept and how over-long ones were handled (never silent)."""
+    from stema.data.errors import DataError
+
     run.say(f"{split} data: {len(examples)} examples; {report.summary()}")
     if not examples:
-        raise ValueError(f"{split} data: no example is left after length handling ({report.summary()})")
+        raise DataError(f"data.{split}: no example is left after length handling ({report.summary()})")
 
 
-def load_splits(run: Run, data_cfg: Any, tokenizer: Any, load: Callable) -> tuple[list, list | None]:
-    """(train examples, eval examples or None) through one of `stema.data`'s loaders, each reported."""
+def load_splits(run: Run, data_cfg: Any, tokenizer: Any, load: Callable, *, batch_size: int | None = None) -> tuple[list, list | None]:
+    """(train examples, eval examples or None) through one of `stema.data`'s loaders, each
+    reported; a DataError when the training examples left fill no global batch of `batch_size`."""
+    from stema.data.errors import DataError
+
     train_examples, train_report = load(data_cfg, tokenizer, "train")
     report_data(run, "train", train_examples, train_report)
+    if batch_size is not None and len(train_examples) < batch_size:
+        raise DataError(
+            f"data.train: {data_cfg.train}: {len(train_examples)} usable examples are fewer than one global batch "
+            f"(trainer.global_batch_size={batch_size}); {train_report.summary()}"
+        )
     if not data_cfg.eval:
         return train_examples, None
     eval_examples, eval_report = load(data_cfg, tokenizer, "eval")
     report_data(run, "eval", eval_examples, eval_report)
     return train_examples, eval_examples
+
+
+def prepare_data(run: Run, config: Any, load: Callable) -> tuple[Any, list, list | None]:
+    """(tokenizer of `config.model`, train examples, eval examples or None) through `load`, the
+    training examples filling at least one global batch: all of it before any model is loaded."""
+    from stema.models.loading import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(config.model, cache_dir=run.cache_dir))
+    train_examples, eval_examples = load_splits(run, config.data, tokenizer, load, batch_size=config.trainer.global_batch_size)
+    return tokenizer, train_examples, eval_examples
 
 
 def export_model(run: Run, config: Any, model: Any, tokenizer: Any) -> Path | None:
@@ -127,6 +226,8 @@ def fit(run: Run, config: Any, *, model: Any, tokenizer: Any, algorithm: Any, tr
             optim_cfg=config.optim,
             shuffle=config.data.shuffle,
             world=run.world,
+            settings=run.settings or None,
+            say=run.say,
         )
         export_model(run, config, model, tokenizer)
     if close:
