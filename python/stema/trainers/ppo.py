@@ -319,7 +319,7 @@ class PPOController:
             if resumed is not None:
                 step = result.resumed_from = resumed
                 self.run.say(f"resumed from step {step}")
-        truncate_metrics(self.run.output_dir, step)
+        truncate_metrics(self.run.output_dir, step, final=step >= self.total_steps)
         logger = MetricsLogger(self.run.output_dir, tensorboard=trainer.tensorboard)
         bar = progress_bar(self.total_steps, step, enabled=trainer.progress_bar, description=f"ppo/{self.config.ppo.advantage}")
         try:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .folder import SETTINGS_FILE, RunFolderError, write_file
 
@@ -128,18 +129,36 @@ def _write_or_discard(staging: Path, name: str, data: bytes | str) -> None:
 
 
 def _write_sharded(write_sharded: Callable[[Path], None], staging: Path) -> None:
-    """`write_sharded` into the staging folder; an OSError anywhere in the failure (DCP wraps the
-    writers' errors) removes the staging folder and becomes one RunFolderError line."""
+    """`write_sharded` into the staging folder; a failure to write (an OSError in the failure, or,
+    as torch's zip writer reports a short write only as 'unexpected pos', a probe write into the
+    staging folder that fails right after) removes the staging folder and becomes one
+    RunFolderError line with the system's reason ('No space left on device')."""
     try:
         write_sharded(staging / SHARDED_DIR)
-    except Exception as failure:  # DCP raises its own CheckpointException around the OSError
-        os_error = _os_error_in(failure)
+    except (Exception, CheckpointException) as failure:  # DCP's CheckpointException (a BaseException) wraps the writers' errors
+        os_error = _os_error_in(failure) or _probe_write(staging)
         if os_error is None:
             raise
         shutil.rmtree(staging, ignore_errors=True)
         where = os_error.filename or staging / SHARDED_DIR
         reason = os_error.strerror or os.strerror(os_error.errno or errno.EIO)
         raise RunFolderError(f"{where}: cannot write the checkpoint: {reason}") from None
+
+
+def _probe_write(folder: Path, size: int = 1 << 16) -> OSError | None:
+    """The OSError of writing `size` bytes into `folder` now (None if it can be written). A write
+    that came up short filled the disk, so the probe, made before anything is cleaned up, fails too."""
+    probe = folder / ".write-probe"
+    try:
+        with open(probe, "wb") as file:
+            file.write(b"\0" * size)
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        return error
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
 
 
 def _os_error_in(failure: BaseException) -> OSError | None:

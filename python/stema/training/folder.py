@@ -171,9 +171,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def truncate_metrics(output_dir: Path, step: int) -> None:
+def truncate_metrics(output_dir: Path, step: int, *, final: bool = False) -> None:
     """Keep the records of `metrics.jsonl` up to `step` (all of them with step <= `step`, none when
-    `step` is 0); a torn last line from a killed write is dropped too. Rewritten atomically."""
+    `step` is 0); a torn last line from a killed write is dropped too. With `final` (`step` is the
+    run's last, whose final evaluation the resumed run logs again) the eval records of `step` go
+    too. Rewritten atomically."""
     path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return
@@ -183,7 +185,9 @@ def truncate_metrics(output_dir: Path, step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if step > 0 and isinstance(record, dict) and record.get("step", step + 1) <= step:
+        if not isinstance(record, dict) or step == 0 or record.get("step", step + 1) > step:
+            continue
+        if not (final and record["step"] == step and record.get("split") == "eval"):
             kept.append(line + "\n")
     write_file(path, "".join(kept))
 
