@@ -45,12 +45,9 @@ APPLY_ON_RESUME = {
     "data.builtin_eval_size": "evaluation data",
     "reward.eval_function": "evaluation reward",
     "spin.iterations": "self-play iterations (finished ones are not trained again)",
-    "roles.backend": "placement of the roles",
-    "roles.ray_address": "placement of the roles",
-    "roles.call_timeout_s": "timeouts",
-    "roles.refit_bucket_mb": "memory only",
 }
-APPLY_ON_RESUME_PREFIXES = ("distributed.",)  # checkpoints resume at any world size
+# Checkpoints resume at any world size and any number of role workers (placement, not arithmetic).
+APPLY_ON_RESUME_PREFIXES = ("distributed.", "roles.")
 
 
 class RunFolderError(ValueError):
