@@ -46,6 +46,7 @@ APPLY_ON_RESUME = {
     "reward.eval_function": "evaluation reward",
     "spin.iterations": "self-play iterations (finished ones are not trained again)",
 }
+UNREPORTED = ("trainer.resume", "trainer.overwrite")  # how this run starts, not what it trains
 # Checkpoints resume at any world size and any number of role workers (placement, not arithmetic).
 APPLY_ON_RESUME_PREFIXES = ("distributed.", "roles.")
 
@@ -149,18 +150,20 @@ def applies_on_resume(key: str) -> bool:
 def compare_settings(saved: dict[str, Any], current: dict[str, Any], *, where: Path, refuse: tuple[str, ...] = ()) -> list[str]:
     """The changes from `saved` to `current` that apply on resume ('key: old -> new'); a
     RunFolderError naming every other changed key (and any key in `refuse`, which a trainer cannot
-    change on resume)."""
-    keys = sorted(set(saved) | set(current))
-    changed = [key for key in keys if saved.get(key) != current.get(key)]
+    change on resume). Keys that only one side has (settings added or removed between stema
+    versions) are not compared."""
+    current = json.loads(json.dumps(current))  # as the checkpoint holds them (tuples as lists)
+    # A key only one side knows comes from another stema version's config, not from this run.
+    changed = [key for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
     refused = [key for key in changed if not applies_on_resume(key) or key in refuse]
     if refused:
-        shown = "; ".join(f"{key}: {_short(saved.get(key))} in the checkpoint, now {_short(current.get(key))}" for key in refused[:6])
+        shown = "; ".join(f"{key}: {_short(saved[key])} in the checkpoint, now {_short(current[key])}" for key in refused[:6])
         more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
         raise RunFolderError(
             f"trainer.resume: {where} was written by a run with other settings, which cannot change on resume: {shown}{more}; "
             f"resume with the same settings, or start a new run (another trainer.output_dir, or trainer.overwrite=true)"
         )
-    return [f"{key}: {_short(saved.get(key))} -> {_short(current.get(key))}" for key in changed]
+    return [f"{key}: {_short(saved[key])} -> {_short(current[key])}" for key in changed if key not in UNREPORTED]
 
 
 def _short(value: Any) -> str:
