@@ -339,3 +339,24 @@ def test_sft_data_reader_counts_over_long_rows(tmp_path, tiny_path):
     data = write_lines(tmp_path / "train.jsonl", as_bytes(GOOD_LINE), as_bytes({"prompt": "1+1=", "completion": "2" * 100}))
     examples, report = load_sft_data(DataConfig(train=str(data), max_length=32), loading.load_tokenizer(tiny_path))
     assert len(examples) == 1 and report.dropped == 1 and "1 dropped as longer than max_length=32" in report.summary()
+
+
+def test_the_other_readers_name_the_place_too(tmp_path):
+    """.json (an array; bytes that are not UTF-8; JSON Lines in a .json file), a corrupt Parquet file."""
+    array = tmp_path / "train.json"
+    array.write_bytes(b'[\n  {"prompt": "1+1=", "completion": "2"},\n  {"prompt": "caf\xe9"}\n]\n')
+    offset = array.read_bytes().index(b"\xe9")
+    with pytest.raises(DataError, match=rf"^{array}:3: not UTF-8: byte 0xe9 at byte offset {offset} "):
+        read_records(array)
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+1=", "completion": \n')
+    with pytest.raises(DataError, match=rf"^{lines}:2: invalid JSON"):
+        read_records(lines)
+    not_a_list = tmp_path / "object.json"
+    not_a_list.write_text('{"rows": 3}')
+    with pytest.raises(DataError, match="a JSON object must hold exactly one list of records"):
+        read_records(not_a_list)
+    parquet = tmp_path / "train.parquet"
+    parquet.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(DataError, match=rf"^{parquet}: cannot read Parquet"):
+        read_records(parquet)

@@ -4,7 +4,7 @@ final Hugging Face export.
 
 A trainer's `run` is, in this order: `start_run` (checks that need no writing: the output folder
 is free or resumable, a resumed checkpoint's settings fit, the model folders are complete, every
-data record parses; then the folder and its config.yaml), then under `run.preparing()` the
+data record parses; then the folder and its config.yaml), then under `preparing(run)` the
 tokenizer, the data (tokenized, at least one global batch) and only then the model, then `fit`.
 Bad input thus stops the run before any model is loaded, and a new run that stops while preparing
 leaves its output folder as it found it (absent or empty).
