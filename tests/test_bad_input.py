@@ -342,7 +342,8 @@ def test_sft_data_reader_counts_over_long_rows(tmp_path, tiny_path):
 
 
 def test_the_other_readers_name_the_place_too(tmp_path):
-    """.json (an array; bytes that are not UTF-8; JSON Lines in a .json file), a corrupt Parquet file."""
+    """.json (an array with bytes that are not UTF-8; JSON Lines in a .json file), a corrupt Parquet
+    file (the JSONL cases and a .json object without one list are in test_data_io.py)."""
     array = tmp_path / "train.json"
     array.write_bytes(b'[\n  {"prompt": "1+1=", "completion": "2"},\n  {"prompt": "caf\xe9"}\n]\n')
     offset = array.read_bytes().index(b"\xe9")
@@ -352,10 +353,6 @@ def test_the_other_readers_name_the_place_too(tmp_path):
     lines.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+1=", "completion": \n')
     with pytest.raises(DataError, match=rf"^{lines}:2: invalid JSON"):
         read_records(lines)
-    not_a_list = tmp_path / "object.json"
-    not_a_list.write_text('{"rows": 3}')
-    with pytest.raises(DataError, match="a JSON object must hold exactly one list of records"):
-        read_records(not_a_list)
     parquet = tmp_path / "train.parquet"
     parquet.write_bytes(b"PAR1 this is not a parquet file")
     with pytest.raises(DataError, match=rf"^{parquet}: cannot read Parquet"):

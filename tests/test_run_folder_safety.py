@@ -26,7 +26,7 @@ from stema.training.logging import read_metrics
 from stema.training.optim import lr_multiplier
 
 from checkpoint_kill import KILL_POINTS
-from test_training_loop import Regression, losses, make_data, run
+from test_training_loop import Regression, losses, make_data, make_model, run
 
 TESTS = Path(__file__).parent
 SFT = ["data.train=builtin", "data.builtin_size=16", "data.max_length=48", "trainer.global_batch_size=4", "trainer.micro_batch_size=4",
@@ -181,6 +181,26 @@ def test_metrics_are_cut_back_to_the_resumed_checkpoint(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "resumed", "train")] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in read_metrics(tmp_path / "resumed", "eval")] == [1, 2, 3, 4, 5, 6]
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_tensorboard_holds_each_step_once_after_a_resume(tmp_path):
+    """Killed during step 6 after logging step 5, checkpointed at 4: the resumed run's event file
+    purges the first one's steps after 4 (purge_step), so TensorBoard shows steps 1-6 once each."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def train_with_events(*, resume: bool, crash_on_call: int | None = None):
+        trainer_cfg = TrainerConfig(output_dir=str(tmp_path), max_steps=6, global_batch_size=8, micro_batch_size=8, save_every=2,
+                                    resume=resume, progress_bar=False, tensorboard=True)
+        train(model=make_model(), algorithm=Regression(crash_on_call), train_examples=make_data(), eval_examples=None,
+              trainer_cfg=trainer_cfg, optim_cfg=OptimConfig())
+
+    with pytest.raises(KeyboardInterrupt):
+        train_with_events(resume=False, crash_on_call=6)
+    train_with_events(resume=True)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
 
 def read_metrics_lenient(folder: Path) -> list[dict]:

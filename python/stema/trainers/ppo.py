@@ -320,7 +320,7 @@ class PPOController:
                 step = result.resumed_from = resumed
                 self.run.say(f"resumed from step {step}")
         truncate_metrics(self.run.output_dir, step, final=step >= self.total_steps)
-        logger = MetricsLogger(self.run.output_dir, tensorboard=trainer.tensorboard)
+        logger = MetricsLogger(self.run.output_dir, tensorboard=trainer.tensorboard, resumed_step=step)
         bar = progress_bar(self.total_steps, step, enabled=trainer.progress_bar, description=f"ppo/{self.config.ppo.advantage}")
         try:
             if self.eval_prompts and step == 0:

@@ -10,9 +10,11 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Appends one JSON object per log call to `metrics.jsonl`; mirrors scalars to TensorBoard."""
+    """Appends one JSON object per log call to `metrics.jsonl`; mirrors scalars to TensorBoard.
+    A run resumed at `resumed_step` tells TensorBoard to purge the older event files' records of
+    later steps (`purge_step`), as `folder.truncate_metrics` cuts metrics.jsonl back."""
 
-    def __init__(self, output_dir: Path, *, tensorboard: bool):
+    def __init__(self, output_dir: Path, *, tensorboard: bool, resumed_step: int = 0):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
@@ -23,7 +25,7 @@ class MetricsLogger:
             except ImportError:
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
 
     def log(self, split: str, step: int, metrics: dict[str, float]) -> None:
         record = {"split": split, "step": step, "time": round(time.time(), 3)}

@@ -209,7 +209,7 @@ def train(
 
     if world.is_main:
         truncate_metrics(output_dir, step, final=step >= steps)
-    logger = MetricsLogger(output_dir, tensorboard=trainer_cfg.tensorboard) if world.is_main else None
+    logger = MetricsLogger(output_dir, tensorboard=trainer_cfg.tensorboard, resumed_step=step) if world.is_main else None
     bar = progress_bar(steps, step, enabled=trainer_cfg.progress_bar and world.is_main, description=algorithm.name)
     micro_size = trainer_cfg.micro_batch_size
     model.train()
