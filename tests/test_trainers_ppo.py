@@ -8,11 +8,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from stema.cli import main
-from stema.config import PPOConfig, load_config
+from stema.config import OptimConfig, PPOConfig, load_config
 from stema.models.families import build_family_model
 from stema.models.tiny import build_tokenizer
 from stema.roles.workers import ActorWorker
 from stema.training.logging import read_metrics
+from stema.training.optim import lr_multiplier
 
 from run_folders import died_after
 from tiny_models import spread
@@ -165,6 +166,23 @@ def test_ppo_killed_after_a_checkpoint_resumes_onto_the_same_curve(tmp_path):
     resumed = [{k: r[k] for k in keys} for r in read_metrics(died, "train")]
     expected = [{k: r[k] for k in keys} for r in read_metrics(straight, "train")]
     assert resumed == expected
+
+
+def test_ppo_resumed_with_more_steps_continues_the_learning_rate(tmp_path):
+    """A 4-step cosine run checkpointed at 2 and resumed with max_steps=6: the actor's and the
+    critic's lr at step 3 are the 4-step run's (a fresh 6-step schedule would be higher there),
+    then decay on."""
+    common = ("trainer.save_every=2", "trainer.export_hf=false", "optim.lr=1e-3", "critic_optim.lr=2e-3")
+    straight = cli("ppo", tmp_path / "straight", "trainer.max_steps=4", *common)
+    died = died_after(tmp_path / "died", 2, source=straight)
+    cli("ppo", died, "trainer.max_steps=6", *common, "trainer.resume=true")
+    before, after = read_metrics(straight, "train"), read_metrics(died, "train")
+    assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
+    for key, peak in (("lr", 1e-3), ("critic/lr", 2e-3)):
+        lrs = [r[key] for r in after]
+        assert lrs[:3] == [r[key] for r in before[:3]]
+        assert all(later < earlier for earlier, later in zip(lrs[2:], lrs[3:]))
+        assert peak * lr_multiplier(2, total_steps=6, cfg=OptimConfig(lr=peak)) > lrs[2] * 1.1  # the jump it avoids
 
 
 def test_actor_refits_its_engine_in_place(tmp_path):

@@ -39,7 +39,7 @@ from stema.losses.ppo import ppo_policy_loss, ppo_value_loss
 from stema.models.loading import eval_mode
 from stema.training.checkpoint import rng_state, set_rng_state
 from stema.training.loop import autocast_context
-from stema.training.optim import build_optimizer, build_scheduler
+from stema.training.optim import build_optimizer, build_scheduler, continued_anchor, schedule_state
 from stema.training.setup import seed_everything
 
 from .colocation import kv_cache_held, release_kv_cache
@@ -164,6 +164,7 @@ class _Updater:
     def __init__(self, model: torch.nn.Module, optim_cfg: OptimConfig, *, total_steps: int, max_grad_norm: float, world: World):
         self.model = model
         self.world = world
+        self.optim_cfg, self.total_steps, self.anchor = optim_cfg, total_steps, None
         self.optimizer = build_optimizer(model, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps=total_steps)
         self.max_grad_norm = max_grad_norm
@@ -228,10 +229,17 @@ class _Updater:
         """The model's trainable weights and the optimizer state keyed by parameter name (whole
         tensors on the CPU; a sharded model's gathered on rank 0: a collective), and the schedule.
         The same layout at every world size, so a checkpoint taken with N workers resumes with M."""
-        return {**gathered_state(self.model, self.optimizer), "scheduler": self.scheduler.state_dict()}
+        return {**gathered_state(self.model, self.optimizer), "scheduler": self.scheduler.state_dict(),
+                "schedule": schedule_state(total_steps=self.total_steps, anchor=self.anchor)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from `state`; a run whose step count changed continues its lr from the value it
+        had reached (`optim.continued_anchor`). The schedule is rebuilt before the optimizer state
+        is loaded, which restores the lr the optimizer holds."""
         check_trainable_names(self.model, state["model"])
+        self.anchor = continued_anchor(state.get("schedule"), step=state["scheduler"]["last_epoch"], total_steps=self.total_steps,
+                                       cfg=self.optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, total_steps=self.total_steps, anchor=self.anchor)
         load_gathered_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
 

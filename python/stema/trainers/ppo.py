@@ -375,8 +375,7 @@ def check_policy_generation(config: PPOConfig, model_path) -> None:
 
 
 def run(config: PPOConfig, *, command: str = "ppo") -> PPOResult:
-    # The role workers build their lr schedules over the run's step count when they start.
-    run_info = start_run(config, command=command, data_kind="prompt", fixed_on_resume=("trainer.max_steps", "trainer.epochs"))
+    run_info = start_run(config, command=command, data_kind="prompt")
     if run_info.world.distributed:
         raise ConfigError(
             f"stema {command} runs as one controller process, not under torchrun with {run_info.world.world_size} processes: "

@@ -151,15 +151,14 @@ def applies_on_resume(key: str) -> bool:
     return key in APPLY_ON_RESUME or key.startswith(APPLY_ON_RESUME_PREFIXES)
 
 
-def compare_settings(saved: dict[str, Any], current: dict[str, Any], *, where: Path, refuse: tuple[str, ...] = ()) -> list[str]:
+def compare_settings(saved: dict[str, Any], current: dict[str, Any], *, where: Path) -> list[str]:
     """The changes from `saved` to `current` that apply on resume ('key: old -> new'); a
-    RunFolderError naming every other changed key (and any key in `refuse`, which a trainer cannot
-    change on resume). Keys that only one side has (settings added or removed between stema
+    RunFolderError naming every other changed key. Keys that only one side has (settings added or removed between stema
     versions) are not compared."""
     current = json.loads(json.dumps(current))  # as the checkpoint holds them (tuples as lists)
     # A key only one side knows comes from another stema version's config, not from this run.
     changed = [key for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
-    refused = [key for key in changed if not applies_on_resume(key) or key in refuse]
+    refused = [key for key in changed if not applies_on_resume(key)]
     if refused:
         shown = "; ".join(f"{key}: {_short(saved[key])} in the checkpoint, now {_short(current[key])}" for key in refused[:6])
         more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""

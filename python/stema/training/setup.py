@@ -69,15 +69,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_run(config: Any, *, command: str, data_kind: str | None = None, fixed_on_resume: tuple[str, ...] = ()) -> Run:
+def start_run(config: Any, *, command: str, data_kind: str | None = None) -> Run:
     """Join the process group when launched by torchrun; check, writing nothing, that the output
     folder is free (or, with `trainer.resume`, that its checkpoint's settings fit this config),
     that the model folders are complete and that every record of the data (read as `data_kind`,
     `stema.data.formats.Kind`; None: not checked here) parses; then create the output folder
     (moving an old one aside under `trainer.overwrite`), save the resolved config beside the
-    results (rank 0), seed, pick the device. Errors are ConfigError, DataError or RunFolderError.
-    `fixed_on_resume` names settings this trainer cannot change on resume although the shared
-    loop can (`folder.APPLY_ON_RESUME`)."""
+    results (rank 0), seed, pick the device. Errors are ConfigError, DataError or RunFolderError."""
     from stema.models.loading import check_model_folders
 
     world = init_world(config.distributed, role=command)
@@ -92,7 +90,7 @@ def start_run(config: Any, *, command: str, data_kind: str | None = None, fixed_
         for split in ("train", "eval"):
             read_examples(config.data, kind=data_kind, split=split)
     run.settings = run_settings(config)
-    applied = _check_resume(output_dir, run.settings, fixed_on_resume) if trainer_cfg.resume else None
+    applied = _check_resume(output_dir, run.settings) if trainer_cfg.resume else None
     run.new_folder = not output_dir.exists()
     run.was_empty = run.new_folder or is_empty_folder(output_dir)
     world.barrier()  # every rank has checked the folder before rank 0 moves it aside
@@ -115,7 +113,7 @@ def start_run(config: Any, *, command: str, data_kind: str | None = None, fixed_
     return run
 
 
-def _check_resume(output_dir: Path, settings: dict, fixed: tuple[str, ...]) -> list[str] | None:
+def _check_resume(output_dir: Path, settings: dict) -> list[str] | None:
     """Changes that apply on resume from the newest checkpoint in `output_dir`; None when there is
     no checkpoint to resume (the run starts anew, metrics from step 0)."""
     checkpoints = checkpoint.list_checkpoints(output_dir / "checkpoints")
@@ -123,7 +121,7 @@ def _check_resume(output_dir: Path, settings: dict, fixed: tuple[str, ...]) -> l
         return None
     folder = checkpoints[-1][1]
     saved = checkpoint.read_settings(folder)
-    return compare_settings(saved, settings, where=folder, refuse=fixed) if saved else []
+    return compare_settings(saved, settings, where=folder) if saved else []
 
 
 @contextlib.contextmanager
