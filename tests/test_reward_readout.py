@@ -17,13 +17,14 @@ from transformers import AutoModelForSequenceClassification
 from stema.cli import main
 from stema.config import DataConfig, ModelConfig, PPOConfig, RSConfig
 from stema.data import load_preference_data
+from stema.data.collate import collate_pairs
 from stema.models import loading, tiny
 from stema.models.tiny import TinyModelSpec, save_tiny_model
 from stema.models.value_head import last_attended, reward_scores, token_scores
 from stema.rewards import Reward, right_padded
 from stema.roles.workers import RewardWorker
-from stema.trainers.reward import sequence_rewards
-from stema.data.collate import collate_pairs
+from stema.trainers.reward import PairwiseRewardAlgorithm, sequence_rewards
+from stema.training.loop import run_evaluation
 
 ATOL = 1e-5
 PAIRS = [
@@ -94,8 +95,9 @@ def test_exported_model_in_transformers_scores_as_documented(tmp_path, pad_is_eo
 
 
 def test_a_reward_model_trained_with_pad_eos_scores_the_same_in_every_consumer(tmp_path, pad_eos_model):
-    """`stema rm` trains on a pad == EOS tokenizer; its export is scored by the training readout
-    (also the evaluation's), `stema annotate`, PPO's reward role and rejection sampling's reward."""
+    """`stema rm` trains on a pad == EOS tokenizer; its export is scored alike by the training
+    readout, the evaluation (mean margin of held-out pairs), `stema annotate`, PPO's reward role and
+    rejection sampling's reward."""
     rm = tmp_path / "rm"
     assert main(["rm", f"model.path={pad_eos_model}", f"trainer.output_dir={rm}", "data.train=builtin", "data.builtin_size=16",
                  "data.max_length=48", "trainer.max_steps=3", "trainer.global_batch_size=4", "trainer.micro_batch_size=4",
@@ -116,6 +118,11 @@ def test_a_reward_model_trained_with_pad_eos_scores_the_same_in_every_consumer(t
                              if key in ("input_ids", "attention_mask")}).logits[:, 0]
     # The old training readout (transformers' pooling: the token before the EOS) gives other scores.
     assert (training - hf_pooled).abs().max() > 1e-3
+    algorithm = PairwiseRewardAlgorithm(pad_id=tokenizer.pad_token_id, use_margin=False, center_rewards_coefficient=0.0,
+                                        micro_batch_size=2)
+    evaluation = run_evaluation(model, algorithm, pairs)  # what `stema rm` logs for held-out pairs
+    chosen, rejected = training.chunk(2)
+    assert evaluation["margin"] == pytest.approx(float((chosen - rejected).mean()), abs=ATOL)
 
     prompt_ids = [pair.prompt_ids for pair in pairs] * 2
     response_ids = [pair.chosen_ids[len(pair.prompt_ids):] for pair in pairs] + [pair.rejected_ids[len(pair.prompt_ids):] for pair in pairs]
