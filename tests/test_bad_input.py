@@ -34,7 +34,7 @@ COMMANDS = {
     "kto": ({"prompt": "1+1=", "completion": "2", "label": True}, []),
     "ppo": ({"prompt": "1+1="}, ["reward.function=builtin"]),
     "grpo": ({"prompt": "1+1="}, ["reward.function=builtin"]),
-    "rs": ({"prompt": "1+1="}, []),
+    "rs": ({"prompt": "1+1="}, ["reward.function=builtin"]),
 }
 OUTPUT_COMMANDS = {"annotate": ("annotate.output", GOOD_LINE), "generate": ("generate.output", {"prompt": "1+1="})}
 

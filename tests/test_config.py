@@ -86,3 +86,74 @@ def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
     assert config.optim.lr == pytest.approx(3e-4) and config.optim.eps == pytest.approx(1e-6)
     with pytest.raises(ConfigError, match="optim.lr: expected a float, got 'e-4'"):
         load_config(SFTConfig, None, ["optim.lr=e-4"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields naming registered things, and `--help` defaults
+# ---------------------------------------------------------------------------------------------
+
+ESTIMATOR_MODULE = '''
+from stema.losses.advantages import ADVANTAGES, AdvantageInputs, register_advantage
+
+CALLS = []
+
+
+@register_advantage("stema_test_mine", needs_critic=False)
+def mine(inputs: AdvantageInputs):
+    """REINFORCE with every advantage doubled: a registered estimator outside STEMA."""
+    CALLS.append(inputs.mask.shape)
+    advantages, returns = ADVANTAGES.get("reinforce")(inputs)
+    return 2 * advantages, returns
+'''
+
+
+def test_unknown_registered_names_are_config_errors_listing_the_registered_ones(tmp_path):
+    from stema.config import DPOConfig, PPOConfig
+
+    with pytest.raises(ConfigError, match=r"^command line \(ppo.advantage=nope\): ppo.advantage: unknown advantage estimator "
+                                          r"'nope' \(registered: gae, grpo, reinforce, rloo"):
+        load_config(PPOConfig, None, ["ppo.advantage=nope", "reward.function=builtin"])
+    with pytest.raises(ConfigError, match=r"cfg.yaml:4: preference.loss: unknown preference loss 'dpo2' \(registered: dpo, ipo, "
+                                          r"rpo_bwd_kl, rpo_fwd_kl, rpo_sq, simpo"):
+        load_config(DPOConfig, write(tmp_path, "model:\n  path: tiny\npreference:\n  loss: dpo2\n"))
+    assert load_config(DPOConfig, None, ["preference.loss=simpo"]).preference.loss == "simpo"
+
+
+def test_an_estimator_registered_in_a_users_module_is_chosen_from_the_command_line(tmp_path, monkeypatch):
+    import sys
+
+    from stema.cli import main
+    from stema.training.logging import read_metrics
+
+    (tmp_path / "stema_test_estimators.py").write_text(ESTIMATOR_MODULE)
+    monkeypatch.chdir(tmp_path)  # imported from the current folder, as `python -m` would
+    out = tmp_path / "run"
+    assert main(["grpo", "--import", "stema_test_estimators", f"trainer.output_dir={out}", "ppo.advantage=stema_test_mine",
+                 "reward.function=builtin", "data.train=builtin", "data.builtin_size=8", "data.max_length=32",
+                 "rollout.max_new_tokens=4", "trainer.global_batch_size=2", "trainer.micro_batch_size=8", "trainer.max_steps=2",
+                 "trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.export_hf=false"]) == 0
+    assert len(sys.modules["stema_test_estimators"].CALLS) == 2  # one advantage estimate per step
+    assert [record["step"] for record in read_metrics(out, "train")] == [1, 2]
+
+
+def test_a_missing_import_module_is_a_config_error(capsys):
+    from stema.cli import main
+
+    assert main(["ppo", "--import", "stema_no_such_plugin", "reward.function=builtin"]) == 2
+    assert capsys.readouterr().err.startswith("stema ppo: config error: --import stema_no_such_plugin: ModuleNotFoundError")
+
+
+def test_grpo_help_prints_grpos_defaults(capsys):
+    from stema.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["grpo", "--help"])
+    text = capsys.readouterr().out
+    for line in ("rollout.samples_per_prompt (an int, default 4)", "ppo.kl_in (one of 'reward', 'loss', default 'loss')",
+                 "ppo.kl_estimator (one of 'k1', 'k2', 'k3', default 'k3')", "ppo.whiten_advantages (a bool, default False)"):
+        assert line in text, line
+    assert "ppo.advantage (a registered advantage estimator: gae, grpo, reinforce, rloo" in text and "default 'grpo')" in text
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    text = capsys.readouterr().out
+    assert "rollout.samples_per_prompt (an int, default 1)" in text and "ppo.kl_estimator (one of 'k1', 'k2', 'k3', default 'k1')" in text

@@ -400,3 +400,56 @@ def test_two_rollout_workers_split_the_prompts_and_take_every_bucket_in_place(ra
         print(f"rollout refit: {refitter.sent_buckets} buckets of <= 4096 bytes to 2 workers")
     finally:
         rollout.close()
+
+
+KILLING_REWARD = '''
+import os
+import signal
+import time
+from pathlib import Path
+
+CALLS = [0]
+
+
+def score(prompt, completion):
+    """0.5 per response; while `armed` exists beside this file, the worker running it is killed
+    (SIGKILL, as by the OOM killer) at its fifth call: in the second step, mid-scoring. The time
+    of the kill goes to `killed_at`."""
+    CALLS[0] += 1
+    folder = Path(__file__).parent
+    if CALLS[0] == 5 and (folder / "armed").exists():
+        (folder / "killed_at").write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 0.5
+'''
+
+
+def test_a_killed_ray_role_worker_stops_the_run_naming_role_and_rank_and_the_run_resumes(ray_session, tmp_path, monkeypatch):
+    """The reward role's Ray actor is killed in step 2 (its reward function, a module in the
+    current folder, kills its own process): the controller stops with a RoleError naming the role
+    and rank within roles.call_timeout_s of the kill, the step-1 checkpoint is intact, and a resume
+    trains step 2."""
+    from stema.training import checkpoint
+
+    (tmp_path / "stema_test_killing_rewards.py").write_text(KILLING_REWARD)
+    (tmp_path / "armed").touch()
+    monkeypatch.chdir(tmp_path)  # the reward module is found in the current folder, also by the Ray worker
+    out = tmp_path / "run"
+    argv = ["ppo", f"trainer.output_dir={out}", "data.train=builtin", "data.builtin_size=8", "data.max_length=32",
+            "rollout.max_new_tokens=4", "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "ppo.advantage=reinforce",
+            "reward.function=stema_test_killing_rewards:score", "trainer.max_steps=2", "trainer.save_every=1",
+            "trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.export_hf=false",
+            "roles.backend=ray", "roles.call_timeout_s=300"]
+    with pytest.raises(RoleError, match=r"^role reward rank 0: score failed: \w+: .*") as caught:
+        main(argv)
+    stopped_after_s = time.time() - float((tmp_path / "killed_at").read_text())
+    print(f"the controller stopped {stopped_after_s:.1f} s after the reward worker was killed: {caught.value}")
+    assert stopped_after_s < 300  # roles.call_timeout_s: the death is reported, not waited out
+    step, state = checkpoint.load_latest_checkpoint(out / "checkpoints")
+    assert step == 1 and state["actor"]["updater"]["model"]
+    assert [record["step"] for record in read_metrics(out, "train")] == [1]
+
+    (tmp_path / "armed").unlink()
+    assert main([*argv, "trainer.resume=true"]) == 0
+    assert [record["step"] for record in read_metrics(out, "train")] == [1, 2]
+    assert checkpoint.load_latest_checkpoint(out / "checkpoints")[0] == 2

@@ -44,7 +44,7 @@ def test_distributed_blocks_in_one_process_run_every_block_with_its_first_index_
 
 
 def test_fsdp_rejection_sampling_two_processes_equal_one(llama_path, reward_model, tmp_path):
-    extra = (*SAMPLING, "rs.num_samples=4", "sampling.max_new_tokens=12", f"rs.reward_model={reward_model}",
+    extra = (*SAMPLING, "rs.num_samples=4", "sampling.max_new_tokens=12", f"reward.model={reward_model}",
              "trainer.export_hf=false")
     assert main(argv("rs", tmp_path / "one", llama_path, *extra)) == 0
     torchrun_cli(2, argv("rs", tmp_path / "two", llama_path, *extra))

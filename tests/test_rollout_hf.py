@@ -165,7 +165,7 @@ def test_generate_rs_and_spin_run_on_gpt2(tmp_path, gpt2_folder, capsys):
     rs = tmp_path / "rs"
     # Winners must end with EOS, which the untrained model samples about once in 100 tokens.
     assert main(["rs", f"model.path={gpt2_folder}", f"trainer.output_dir={rs}", *SMALL, "sampling.max_new_tokens=24",
-                 "rs.num_samples=8", f"rs.reward_function={__name__}:reward_short"]) == 0
+                 "rs.num_samples=8", f"reward.function={__name__}:reward_short"]) == 0
     summary = json.loads((rs / "rs_summary.json").read_text())
     assert summary["steps"] == 2 and summary["winners"] >= 4
     assert math.isfinite(summary["greedy_reward_before"]) and math.isfinite(summary["greedy_reward_after"])

@@ -40,7 +40,7 @@ def reward_short(prompt, completion):
 def test_rs_with_a_reward_function_trains_on_the_winners(tmp_path, small_model):
     out = tmp_path / "rs"
     assert main(["rs", f"model.path={small_model}", f"trainer.output_dir={out}", *SMALL, "rs.num_samples=8",
-                 f"rs.reward_function={__name__}:reward_short"]) == 0
+                 f"reward.function={__name__}:reward_short"]) == 0
     summary = json.loads((out / "rs_summary.json").read_text())
     assert summary["prompts"] == 16 and summary["samples_per_prompt"] == 8 and summary["steps"] == 2
     assert 4 <= summary["winners"] <= 16
@@ -53,9 +53,10 @@ def test_rs_with_a_reward_model_and_too_few_winners(tmp_path, small_model, capsy
     rm = tmp_path / "rm"
     assert main(["rm", f"model.path={small_model}", f"trainer.output_dir={rm}", *SMALL[:5], *SMALL[5:10]]) == 0
     out = tmp_path / "rs"
-    assert main(["rs", f"model.path={small_model}", f"trainer.output_dir={out}", *SMALL, f"rs.reward_model={rm / 'hf'}",
+    assert main(["rs", f"model.path={small_model}", f"trainer.output_dir={out}", *SMALL, f"reward.model={rm / 'hf'}",
                  "rs.num_samples=8"]) == 0
     assert json.loads((out / "rs_summary.json").read_text())["winners"] >= 4
     # The built-in exact-match reward with min_reward 1: an untrained model answers nothing right.
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        main(["rs", f"model.path={small_model}", f"trainer.output_dir={tmp_path / 'none'}", *SMALL, "rs.min_reward=1.0"])
+        main(["rs", f"model.path={small_model}", f"trainer.output_dir={tmp_path / 'none'}", *SMALL, "rs.min_reward=1.0",
+              "reward.function=builtin"])

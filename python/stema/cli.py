@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument("-c", "--config", help="YAML file of config values")
+        sub.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                         help="import MODULE (from the current folder or the installed packages) before the config is read, "
+                              "e.g. one that registers an estimator with @register_advantage; may be repeated")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
         if command.name == "demo":
             sub.add_argument("--out", help="output folder (same as out=DIR)")
@@ -176,19 +179,53 @@ def main(argv: list[str] | None = None) -> int:
     if command.name == "generate" and args.attributes:
         overrides.append(f"generate.attributes='{args.attributes}'")
     try:
+        import_modules(args.imports)
         config = load_config(command.config_class(), args.config, overrides)
     except ConfigError as error:
         print(f"stema {command.name}: config error: {error}", file=sys.stderr)
         return 2
-    from stema.data.errors import DataError
-    from stema.training.folder import RunFolderError
-
     try:
         command.run(config)
-    except (ConfigError, DataError, RunFolderError) as error:
-        print(f"stema {command.name}: {error}", file=sys.stderr)
+    except Exception as error:
+        reported = user_error(error)
+        if reported is None:
+            raise
+        print(f"stema {command.name}: {reported}", file=sys.stderr)
         return 2
     return 0
+
+
+def import_modules(names: list[str]) -> None:
+    """Import each `--import` module, the current folder first on the path (as `python -m` does);
+    ConfigError naming the module when it cannot be imported."""
+    from stema.rewards import import_from_current_folder
+
+    for name in names:
+        try:
+            import_from_current_folder(name)
+        except Exception as error:
+            raise ConfigError(f"--import {name}: {type(error).__name__}: {error}") from None
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The error to report in one line (exit 2) when `error` is, or was caused by, bad input: a
+    ConfigError, a DataError or a RewardFunctionError, also when raised inside a role worker (a
+    RoleError's cause, or a Ray task error's `cause`). None for anything else (a bug: traceback)."""
+    from stema.data.errors import DataError
+    from stema.rewards import RewardFunctionError
+    from stema.training.folder import RunFolderError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        remote = getattr(error, "cause", None)  # ray.exceptions.RayTaskError: the exception raised in the actor
+        if isinstance(remote, BaseException):
+            error = remote
+            continue
+        if isinstance(error, (ConfigError, DataError, RewardFunctionError, RunFolderError)):
+            return error
+        error = error.__cause__
+    return None
 
 
 if __name__ == "__main__":

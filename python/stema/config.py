@@ -35,6 +35,25 @@ def option(default: Any, doc: str, **kwargs: Any) -> Any:
     return field(default=default, metadata=metadata, **kwargs)
 
 
+def registered(registry: str, default: str, doc: str) -> Any:
+    """A field naming an entry of a registry, e.g. `registered("stema.losses.advantages:ADVANTAGES",
+    "gae", ...)`: any name registered when the config is loaded is accepted (so a function added
+    with `@register_advantage("mine")` is chosen from YAML or the command line), any other is a
+    ConfigError listing the registered names. The registry module is imported only to check."""
+    return field(default=default, metadata={"doc": doc, "registry": registry})
+
+
+def registry_of(item: dataclasses.Field) -> Any:
+    """The `stema.registry.Registry` a `registered` field names, or None for other fields."""
+    path = item.metadata.get("registry")
+    if path is None:
+        return None
+    import importlib
+
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def section(cls: type, doc: str) -> Any:
     """A nested component config field."""
     return field(default_factory=cls, metadata={"doc": doc})
@@ -146,8 +165,8 @@ class RewardConfig:
 class PreferenceConfig:
     """The preference loss of `stema dpo` (the DPO family) and where the reference log-probs come from."""
 
-    loss: Literal["dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "simpo"] = option(
-        "dpo",
+    loss: str = registered(
+        "stema.losses.preference:PREFERENCE_LOSSES", "dpo",
         "dpo (sigmoid; cDPO with label_smoothing), ipo, rpo_sq / rpo_bwd_kl / rpo_fwd_kl (NeMo-Aligner's reward-aware "
         "losses, from the pairs' chosen_reward / rejected_reward), simpo (reference-free).",
     )
@@ -195,8 +214,10 @@ class RolloutConfig:
 class PPOAlgorithmConfig:
     """The PPO update: advantages, clipping, KL penalty, rewards, epochs."""
 
-    advantage: Literal["gae", "reinforce", "rloo", "grpo"] = option(
-        "gae", "Advantage estimator: gae (needs the critic), reinforce, rloo, grpo (group-normalized; several samples per prompt)."
+    advantage: str = registered(
+        "stema.losses.advantages:ADVANTAGES", "gae",
+        "Advantage estimator: gae (needs the critic), reinforce, rloo, grpo (group-normalized; several samples per prompt), or "
+        "any estimator registered with @register_advantage (its module imported with `--import MODULE`)."
     )
     gamma: float = option(1.0, "Discount factor.")
     lam: float = option(0.95, "GAE lambda.")
@@ -218,11 +239,15 @@ class PPOAlgorithmConfig:
 
 
 @dataclass
-class PPORewardConfig:
-    """Where PPO's rewards come from: a Python function or a trained reward model (exactly one)."""
+class RewardSourceConfig:
+    """Where the rewards of generated responses come from (`stema ppo`, `grpo`, `rs`): a Python
+    function or a trained reward model, exactly one (`stema.rewards.Reward`)."""
 
-    function: str = option("", "A reward function 'module:function' called as f(prompt, completion_text) -> float; 'builtin' for the built-in task.")
-    model: str = option("", "A trained reward model folder (a `stema rm` export with one output).")
+    function: str = option(
+        "", "A reward function 'module:function' called as f(prompt, completion_text) -> number; 'builtin' for the built-in "
+        "task. The module is imported from the current folder as well (as `python -m` does), at start-up."
+    )
+    model: str = option("", "A trained reward model folder (a `stema rm` export with one output), read at each sequence's last token.")
     micro_batch_size: int = option(32, "Sequences per reward-model forward pass.")
     eval_function: str = option("", "Reward function 'module:function' for the held-out evaluation (empty: the training reward).")
 
@@ -310,7 +335,7 @@ class PPOConfig:
         default_factory=lambda: ModelConfig(path="auto"),
         metadata={"doc": "Critic (value model); path 'auto': the reward model when reward.model is set, else the policy with a new value head."},
     )
-    reward: PPORewardConfig = section(PPORewardConfig, "Reward function or reward model.")
+    reward: RewardSourceConfig = section(RewardSourceConfig, "Reward function or reward model.")
     data: DataConfig = section(DataConfig, "Prompts (prompt-only records, or any format with a prompt; 'builtin' for the built-in task).")
     optim: OptimConfig = section(OptimConfig, "Actor optimizer.")
     critic_optim: OptimConfig = section(OptimConfig, "Critic optimizer.")
@@ -421,8 +446,6 @@ class RejectionSamplingOptions:
     """Best-of-n selection of `stema rs`."""
 
     num_samples: int = option(8, "Responses sampled per prompt (n of best-of-n).")
-    reward_function: str = option("builtin", "Reward function 'module:function' or 'builtin' (the built-in task's exact match); used when reward_model is ''.")
-    reward_model: str = option("", "A one-output `stema rm` export that scores prompt + response instead of the reward function.")
     min_reward: float | None = option(None, "Keep a prompt's best response only when its reward is at least this (null: always keep it).")
 
 
@@ -435,6 +458,7 @@ class RSConfig:
     optim: OptimConfig = section(OptimConfig, "Optimizer of the SFT on the winners.")
     trainer: TrainerConfig = section(TrainerConfig, "Training loop of the SFT on the winners.")
     sampling: SamplingConfig = section(SamplingConfig, "Sampling of the n candidates.")
+    reward: RewardSourceConfig = section(RewardSourceConfig, "Reward function or reward model scoring the candidates (and the greedy held-out responses).")
     rs: RejectionSamplingOptions = section(RejectionSamplingOptions, "Best-of-n selection.")
     distributed: DistributedConfig = section(DistributedConfig, "FSDP2 data parallel under torchrun: each rank samples its blocks of sampling.batch_size prompts, then trains.")
 
@@ -545,6 +569,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
 
 
+def _check_registered(item: dataclasses.Field, value: Any, where: str) -> None:
+    """ConfigError when a `registered` field's value is not a name in its registry."""
+    registry = registry_of(item)
+    if registry is not None and value not in registry:
+        raise ConfigError(f"{where}: unknown {registry.kind} {value!r} (registered: {', '.join(registry.names())})")
+
+
 class _Source:
     """Where values came from: a file with the line of each dotted key, or the command line."""
 
@@ -574,6 +605,7 @@ def _apply(instance: Any, values: dict, source: _Source, prefix: str = "") -> No
             continue
         try:
             setattr(instance, key, _coerce(value, annotation, dotted))
+            _check_registered(fields[key], getattr(instance, key), dotted)
         except ConfigError as error:
             raise ConfigError(f"{source.at(dotted)}: {error}") from None
 
@@ -680,6 +712,11 @@ def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -
             raise ConfigError(f"{prefix}label_smoothing applies to loss 'dpo' only (loss is {config.loss!r})")
         if config.precompute_ref_logprobs and config.loss == "simpo":
             raise ConfigError(f"{prefix}precompute_ref_logprobs: loss 'simpo' uses no reference model")
+    if isinstance(config, RewardSourceConfig):
+        if bool(config.function) == bool(config.model):
+            raise ConfigError(f"{prefix.rstrip('.') or 'reward'}: set exactly one of {prefix}function and {prefix}model")
+        if config.micro_batch_size < 1:
+            raise ConfigError(f"{prefix}micro_batch_size must be >= 1, got {config.micro_batch_size}")
     if isinstance(config, PPOConfig):
         _validate_ppo(config)
     if isinstance(config, DistributedConfig) and (config.tp_size < 1 or config.timeout_s <= 0):
@@ -695,6 +732,7 @@ def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -
             raise ConfigError(f"{prefix}{name} must be >= 1, got {getattr(config, name)}")
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
+        _check_registered(item, value, f"{prefix}{item.name}")
         if dataclasses.is_dataclass(value):
             validate(value, f"{prefix}{item.name}.", batch_of_prompts=isinstance(config, PPOConfig))
 
@@ -722,8 +760,6 @@ def _validate_trainer_counts(config: TrainerConfig, prefix: str) -> None:
 
 
 def _validate_ppo(config: PPOConfig) -> None:
-    if bool(config.reward.function) == bool(config.reward.model):
-        raise ConfigError("reward: set exactly one of reward.function and reward.model")
     if config.ppo.advantage in ("rloo", "grpo") and config.rollout.samples_per_prompt < 2:
         raise ConfigError(f"rollout.samples_per_prompt: the {config.ppo.advantage} estimator needs at least 2 (got {config.rollout.samples_per_prompt})")
     if config.roles.reference == "lora" and not config.model.lora.enabled:
@@ -784,15 +820,19 @@ def to_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every leaf field: what `--help` lists."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every leaf field: what `--help` lists. The defaults are
+    those of `cls` itself, nested sections included (`GRPOConfig`'s ppo section, not PPO's)."""
     rows = []
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     hints = typing.get_type_hints(cls)
     for item in dataclasses.fields(cls):
         annotation = hints[item.name]
+        value = getattr(defaults, item.name)
         if dataclasses.is_dataclass(annotation):
-            rows.extend(describe(annotation, f"{prefix}{item.name}."))
-        else:
-            rows.append((f"{prefix}{item.name}", _type_name(annotation), getattr(defaults, item.name), item.metadata.get("doc", "")))
+            rows.extend(describe(annotation, f"{prefix}{item.name}.", value))
+            continue
+        registry = registry_of(item)
+        type_name = f"a registered {registry.kind}: {', '.join(registry.names())}" if registry is not None else _type_name(annotation)
+        rows.append((f"{prefix}{item.name}", type_name, value, item.metadata.get("doc", "")))
     return rows

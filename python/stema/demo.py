@@ -194,13 +194,13 @@ def stage_dpo(demo: Demo) -> dict:
 
 
 def stage_ppo(demo: Demo) -> dict:
-    from stema.config import PPOAlgorithmConfig, PPOConfig, PPORewardConfig, RolloutConfig
+    from stema.config import PPOAlgorithmConfig, PPOConfig, RewardSourceConfig, RolloutConfig
     from stema.trainers import ppo
 
     start = demo.sft_path or demo.policy_path
     config = PPOConfig(
         model=ModelConfig(path=str(start)),
-        reward=PPORewardConfig(function=PPO_REWARD, eval_function="builtin"),
+        reward=RewardSourceConfig(function=PPO_REWARD, eval_function="builtin"),
         data=demo.data_config(),
         optim=OptimConfig(lr=PPO_LR, schedule="constant"),
         trainer=TrainerConfig(
@@ -396,7 +396,7 @@ def stage_rs(demo: Demo) -> dict:
     """Rejection sampling from the SFT model: best of `rs_samples` sampled answers per training
     question by the exact-match reward, only right answers kept (min_reward 1), then SFT on them;
     greedy held-out exact match (the reward of greedy outputs) before and after."""
-    from stema.config import RejectionSamplingOptions, RSConfig, SamplingConfig
+    from stema.config import RejectionSamplingOptions, RewardSourceConfig, RSConfig, SamplingConfig
     from stema.trainers import rejection
 
     config = RSConfig(
@@ -405,7 +405,8 @@ def stage_rs(demo: Demo) -> dict:
         optim=OptimConfig(lr=RS_LR, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1),
         trainer=demo.trainer_config("rs", steps=demo.config.rs_steps),
         sampling=SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=demo.config.seed, batch_size=256),
-        rs=RejectionSamplingOptions(num_samples=demo.config.rs_samples, reward_function="builtin", min_reward=1.0),
+        reward=RewardSourceConfig(function="builtin"),
+        rs=RejectionSamplingOptions(num_samples=demo.config.rs_samples, min_reward=1.0),
     )
     summary = rejection.run(config)
     demo.policy_path = Path(config.trainer.output_dir) / "hf"

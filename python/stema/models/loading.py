@@ -123,8 +123,6 @@ def model_folders(config) -> list[tuple[str, str]]:
         candidates.append(("critic.path", critic.path))
     reward = getattr(config, "reward", None)
     candidates.append(("reward.model", getattr(reward, "model", "")))
-    rs = getattr(config, "rs", None)
-    candidates.append(("rs.reward_model", getattr(rs, "reward_model", "")))
     return [(key, path) for key, path in candidates if path and path not in (TINY, "auto")]
 
 

@@ -27,23 +27,30 @@ class RoleError(RuntimeError):
 
 
 class RoleFuture:
-    """The pending result of one role call."""
+    """The pending result of one role call (`rank`: the Ray actor's rank in its role, 0 for a
+    one-actor role; None for a local role)."""
 
-    def __init__(self, role: str, method: str, future: concurrent.futures.Future, *, timeout_s: float):
+    def __init__(self, role: str, method: str, future: concurrent.futures.Future, *, timeout_s: float, rank: int | None = None):
         self.role, self.method = role, method
         self._future = future
         self._timeout_s = timeout_s
+        self._where = f"role {role}" if rank is None else f"role {role} rank {rank}"
 
     def result(self) -> Any:
-        """The call's return value; RoleError if it raised or took longer than the timeout."""
+        """The call's return value; RoleError if it raised, its process died or it took longer
+        than the timeout. A remote error is named by its first line (Ray's own message carries
+        the remote traceback); the whole error stays chained."""
         try:
             return self._future.result(timeout=self._timeout_s)
         except concurrent.futures.TimeoutError:
-            raise RoleError(f"role {self.role}: {self.method} did not return within {self._timeout_s:g} s (roles.call_timeout_s)") from None
+            raise RoleError(f"{self._where}: {self.method} did not return within {self._timeout_s:g} s (roles.call_timeout_s)") from None
         except RoleError:
             raise
         except Exception as error:
-            raise RoleError(f"role {self.role}: {self.method} failed: {type(error).__name__}: {error}") from error
+            remote = getattr(error, "cause", None)  # ray.exceptions.RayTaskError: the exception raised in the actor
+            cause = remote if isinstance(remote, BaseException) else error
+            first_line = (str(cause).strip().splitlines() or [""])[0][:500]
+            raise RoleError(f"{self._where}: {self.method} failed: {type(cause).__name__}: {first_line}") from error
 
 
 def _method_name(worker_class: type, method: Callable) -> str:
@@ -83,7 +90,7 @@ class RayHandle:
     def submit(self, method: Callable, *args: Any, **kwargs: Any) -> RoleFuture:
         name = _method_name(self.worker_class, method)
         reference = getattr(self.actor, name).remote(*args, **kwargs)
-        return RoleFuture(self.role, name, reference.future(), timeout_s=self.timeout_s)
+        return RoleFuture(self.role, name, reference.future(), timeout_s=self.timeout_s, rank=0)
 
     def close(self) -> None:
         import ray

@@ -18,7 +18,7 @@ only the config. Tensors cross role boundaries on the CPU (`stema.roles.experien
   batch's rows. World size 1 (a local role, or one Ray actor) runs the same code on a plain model.
 - `ReferenceWorker`: a frozen copy of the starting policy (optionally kept in CPU memory between
   calls).
-- `RewardWorker`: a reward function (`module:function`) or a trained reward model.
+- `RewardWorker`: a reward function (`module:function`) or a trained reward model (`stema.rewards.Reward`).
 """
 
 from __future__ import annotations
@@ -551,34 +551,20 @@ def _sharded_token_values(model: torch.nn.Module, input_ids: torch.Tensor, atten
 
 
 class RewardWorker:
-    """Sequence scores from a reward function or a trained reward model (`reward.function` /
-    `reward.model`)."""
+    """Sequence scores from the run's `reward` section: a reward function or a trained reward
+    model (`stema.rewards.Reward`); reward functions are imported from `folder` (the controller's
+    current folder) first."""
 
-    def __init__(self, *, config: PPOConfig, cache_dir: str):
-        from stema.rewards import load_reward_function
+    def __init__(self, *, config: PPOConfig, cache_dir: str, folder: str | None = None):
+        from stema.rewards import Reward
 
-        self.function = load_reward_function(config.reward.function) if config.reward.function else None
-        self.eval_function = load_reward_function(config.reward.eval_function, field="reward.eval_function") if config.reward.eval_function else None
-        self.scorer = None
-        if config.reward.model:
-            from stema.config import ModelConfig
-            from stema.models.loading import load_reward_model
-            from stema.rewards import RewardModelScorer
-
-            model, _ = load_reward_model(ModelConfig(path=config.reward.model), num_labels=1, cache_dir=cache_dir)
-            model.to(role_device()).eval().requires_grad_(False)
-            self.scorer = RewardModelScorer(model, micro_batch_size=config.reward.micro_batch_size)
+        self.reward = Reward.from_config(config.reward, dtype=config.model.dtype, device=role_device(), cache_dir=cache_dir,
+                                         folder=folder)
 
     def ready(self) -> bool:
         return True
 
     def score(self, prompts: Sequence[Any], texts: Sequence[str], prompt_token_ids: Sequence[Sequence[int]],
-              response_token_ids: Sequence[Sequence[int]], *, evaluation: bool = False) -> torch.Tensor:
-        """`[B]` fp32 scores of the responses (texts for a function, token ids for a model); with
-        `evaluation`, by `reward.eval_function` when one is set."""
-        function = self.eval_function if evaluation and self.eval_function is not None else self.function
-        if function is not None:
-            from stema.rewards import score_with_function
-
-            return score_with_function(function, prompts, texts)
-        return self.scorer.score(prompt_token_ids, response_token_ids)
+              response_token_ids: Sequence[Sequence[int]], *, evaluation: bool = False, locations: Sequence[str] = ()) -> torch.Tensor:
+        """`[B]` fp32 scores of the responses (`Reward.score`)."""
+        return self.reward.score(prompts, texts, prompt_token_ids, response_token_ids, evaluation=evaluation, locations=locations)

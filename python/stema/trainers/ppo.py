@@ -32,6 +32,7 @@ averaged over sequences, whatever estimator the penalty uses. Rewards are normal
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ from stema.data import load_prompts
 from stema.losses.advantages import AdvantageInputs, estimate_advantages, needs_critic, whiten
 from stema.losses.ppo import kl_controller
 from stema.models.loading import resolve_model_path
+from stema.rewards import check_reward_functions
 from stema.roles.experience import experience_tensors, model_inputs, place_scores
 from stema.roles.handles import start_role
 from stema.roles.workers import ActorWorker, CriticWorker, ReferenceWorker, RewardWorker
@@ -117,7 +119,7 @@ class Roles:
             path = critic_path(config, cache_dir=cache_dir)
             self.critic = start_role("critic", CriticWorker, config=config, cache_dir=cache_dir, path=path,
                                      total_steps=total_steps, workers=config.roles.critic_workers, **backend)
-        self.reward = start_role("reward", RewardWorker, config=config, cache_dir=cache_dir, **backend)
+        self.reward = start_role("reward", RewardWorker, config=config, cache_dir=cache_dir, folder=os.getcwd(), **backend)
 
     def generate(self, prompt_token_ids: list, *, seed: int, greedy: bool = False):
         """Future of the responses (`GenerationResult`) from the rollout role when there is one,
@@ -133,7 +135,8 @@ class Roles:
         rollouts = generation.rollouts
         return self.reward.submit(
             RewardWorker.score, [p.prompt for p in prompts], generation.texts,
-            [r.prompt_token_ids for r in rollouts], [r.token_ids for r in rollouts], evaluation=evaluation)
+            [r.prompt_token_ids for r in rollouts], [r.token_ids for r in rollouts], evaluation=evaluation,
+            locations=[p.location for p in prompts])
 
     def reference_logprobs(self, batch):
         if self.reference is None:
@@ -375,6 +378,7 @@ def check_policy_generation(config: PPOConfig, model_path) -> None:
 
 
 def run(config: PPOConfig, *, command: str = "ppo") -> PPOResult:
+    check_reward_functions(config.reward)  # a bad module:function stops the run before anything loads
     run_info = start_run(config, command=command, data_kind="prompt")
     if run_info.world.distributed:
         raise ConfigError(

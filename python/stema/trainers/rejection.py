@@ -10,10 +10,10 @@ section 3.2.3; RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767).
    (prompt p's samples are rows p*n .. p*n+n-1) go in blocks of `sampling.batch_size`, block b to
    data-parallel rank b mod N (`stema.distributed.blocks`); a block starting at row r samples with
    seed `sampling.seed` + r, so every world size samples the same responses.
-3. Score every response, block by block on the rank that sampled it: the reward model
-   `rs.reward_model` (a one-output `stema rm` export, sharing the policy's tokenizer) on prompt +
-   response tokens, or else the reward function `rs.reward_function` on the decoded text. The
-   ranks gather all samples and rewards.
+3. Score every response, block by block on the rank that sampled it, by the `reward` section
+   (`stema.rewards.Reward`, as PPO's reward role): the reward model `reward.model` (a one-output
+   `stema rm` export, sharing the policy's tokenizer) on prompt + response tokens, or the reward
+   function `reward.function` on the decoded text. The ranks gather all samples and rewards.
 4. Keep each prompt's best response (the first on ties) among those that ended (EOS or a stop,
    not cut by max_new_tokens), when its reward is at least `rs.min_reward` (if set).
 5. SFT on the winners, exactly as `stema sft` trains (completion tokens only; FSDP2 data parallel
@@ -33,19 +33,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from stema.config import ModelConfig, RSConfig
+from stema.config import RSConfig
 from stema.data import TokenizedPrompt, TokenizedSFT, load_prompts
 from stema.data.tokenize import IGNORE_INDEX
 from stema.distributed import World, close_world
 from stema.distributed.blocks import spread_blocks
 from stema.generation import build_generator, sampling_params, write_jsonl_atomic
-from stema.models.loading import load_policy, load_reward_model
-from stema.rewards import RewardModelScorer, load_reward_function, score_with_function
-from stema.training.setup import Run, fit, place_model, prepare_data, preparing, start_run
+from stema.models.loading import load_policy
+from stema.rewards import Reward, check_reward_functions
+from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 from stema.trainers.sft import SFTAlgorithm
 
 
@@ -61,25 +61,6 @@ class RSSummary:
     greedy_reward_before: float | None
     greedy_reward_after: float | None
     steps: int
-
-
-class Scorer:
-    """Rewards `[B]` of (prompt, response) pairs from a reward model or a reward function (step 3)."""
-
-    def __init__(self, config: RSConfig, *, run: Run, micro_batch_size: int):
-        self.model = None
-        self.function = None
-        if config.rs.reward_model:
-            model, _ = load_reward_model(ModelConfig(path=config.rs.reward_model, dtype=config.model.dtype), num_labels=1, cache_dir=run.cache_dir)
-            self.model = RewardModelScorer(model.to(run.device), micro_batch_size=micro_batch_size)
-        else:
-            self.function = load_reward_function(config.rs.reward_function, field="rs.reward_function")
-
-    def score(self, prompts: Sequence[Any], batch) -> torch.Tensor:
-        """`[B]` fp32 rewards of `batch` (a RolloutBatch) answering `prompts` (one per sequence)."""
-        if self.model is not None:
-            return self.model.score([sequence.prompt_token_ids for sequence in batch.sequences], batch.token_ids)
-        return score_with_function(self.function, prompts, [sequence.text for sequence in batch.sequences])
 
 
 def best_of_n(rewards: torch.Tensor, finished: torch.Tensor, *, min_reward: float | None) -> list[int | None]:
@@ -103,18 +84,20 @@ class ScoredSample:
     reward: float
 
 
-def sample_and_score(engine, tokenizer, scorer: Scorer, prompts: Sequence[TokenizedPrompt], params, *, world: World,
-                     block_size: int) -> list[ScoredSample]:
+def sample_and_score(engine, tokenizer, reward: Reward, prompts: Sequence[TokenizedPrompt], params, *, world: World,
+                     block_size: int, evaluation: bool = False) -> list[ScoredSample]:
     """One scored response per prompt (steps 2-3), in prompt order, on every rank: blocks of
     `block_size` prompts spread over the data-parallel ranks, the block starting at prompt `first`
     sampled with seed `params.seed + first` and scored as one batch, so any world size gives the
-    one-process samples."""
+    one-process samples. `evaluation` scores with the reward's evaluation function, when it has one."""
 
     def work(first: int, block: Sequence[TokenizedPrompt]) -> list[ScoredSample]:
         batch = engine.generate([item.input_ids for item in block], params.for_block(first),
                                 tokenizer=tokenizer)
-        rewards = scorer.score([item.prompt for item in block], batch).tolist()  # [len(block)]
-        return [ScoredSample(sequence.token_ids, sequence.finish_reason, reward) for sequence, reward in zip(batch.sequences, rewards)]
+        rewards = reward.score([item.prompt for item in block], [sequence.text for sequence in batch.sequences],
+                               [sequence.prompt_token_ids for sequence in batch.sequences], batch.token_ids,
+                               evaluation=evaluation, locations=[item.location for item in block]).tolist()  # [len(block)]
+        return [ScoredSample(sequence.token_ids, sequence.finish_reason, value) for sequence, value in zip(batch.sequences, rewards)]
 
     return spread_blocks(world, prompts, block_size=block_size, work=work)
 
@@ -132,16 +115,18 @@ def sample_rows(samples: Sequence[ScoredSample], winners: Sequence[int | None], 
     ]
 
 
-def greedy_reward(engine, tokenizer, items: Sequence[TokenizedPrompt], scorer: Scorer, sampling_cfg, *, world: World) -> float:
-    """Mean reward of the greedy responses to the tokenized prompts `items` (step 6)."""
-    samples = sample_and_score(engine, tokenizer, scorer, items, sampling_params(sampling_cfg, greedy=True), world=world,
-                               block_size=sampling_cfg.batch_size)
+def greedy_reward(engine, tokenizer, items: Sequence[TokenizedPrompt], reward: Reward, sampling_cfg, *, world: World) -> float:
+    """Mean reward (by `reward.eval_function` when set) of the greedy responses to the tokenized
+    prompts `items` (step 6)."""
+    samples = sample_and_score(engine, tokenizer, reward, items, sampling_params(sampling_cfg, greedy=True), world=world,
+                               block_size=sampling_cfg.batch_size, evaluation=True)
     return sum(sample.reward for sample in samples) / len(samples)
 
 
 def run(config: RSConfig) -> RSSummary:
     from stema.distributed.role_model import engine_refitter
 
+    check_reward_functions(config.reward)  # a bad module:function stops the run before anything loads
     run_info = start_run(config, command="rs", data_kind="prompt")
     world = run_info.world
     with preparing(run_info):
@@ -158,10 +143,10 @@ def run(config: RSConfig) -> RSSummary:
                              max_total_len=longest + config.sampling.max_new_tokens, world=world, say=run_info.say)
     model = place_model(run_info, config, model)
     refitter = engine_refitter(engine, model, world=world)
-    scorer = Scorer(config, run=run_info, micro_batch_size=config.trainer.micro_batch_size)
+    reward = Reward.from_config(config.reward, dtype=config.model.dtype, device=run_info.device, cache_dir=run_info.cache_dir)
     with world.failures_named():
-        before = greedy_reward(engine, tokenizer, eval_prompts, scorer, config.sampling, world=world) if eval_prompts else None
-        samples = sample_and_score(engine, tokenizer, scorer, repeated, sampling_params(config.sampling), world=world,
+        before = greedy_reward(engine, tokenizer, eval_prompts, reward, config.sampling, world=world) if eval_prompts else None
+        samples = sample_and_score(engine, tokenizer, reward, repeated, sampling_params(config.sampling), world=world,
                                    block_size=config.sampling.batch_size)
     rewards = torch.tensor([sample.reward for sample in samples]).view(len(prompts), n)  # [P, n]
     finished = torch.tensor([sample.finish_reason != "length" for sample in samples]).view(len(prompts), n)
@@ -195,7 +180,7 @@ def run(config: RSConfig) -> RSSummary:
     if eval_prompts:
         with world.failures_named():
             refitter.refit()
-            after = greedy_reward(engine, tokenizer, eval_prompts, scorer, config.sampling, world=world)
+            after = greedy_reward(engine, tokenizer, eval_prompts, reward, config.sampling, world=world)
     close_world(world)
     summary = RSSummary(
         prompts=len(prompts), samples_per_prompt=n, winners=len(examples), mean_sample_reward=float(rewards.mean()),

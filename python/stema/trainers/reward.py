@@ -1,13 +1,16 @@
 """Reward models: a pairwise Bradley-Terry scalar reward, or k-attribute regression (SteerLM).
 
 1. Load a causal-LM backbone (or a saved reward model) as a sequence classifier with k outputs; the
-   reward of a sequence is the head applied to the hidden state of its last non-pad token.
+   reward of a sequence is the head applied to the hidden state of its last attended token (the
+   one reward readout `stema.models.value_head.reward_scores`; with pad == EOS that is the EOS).
 2. Pairwise: chosen and rejected sequences of a micro-batch run in ONE forward pass of the
    concatenated `[2B, T]` batch; loss = -log sigmoid(r_chosen - r_rejected [- margin]) summed over
    pairs / pairs in the global batch (optional reward centring, as TRL).
    Regression: MSE against the attribute labels, -100 ignored, / valid labels in the global batch.
 3. The shared loop trains, evaluates (pairwise accuracy and margin, or MSE), checkpoints, resumes.
-4. Export in Hugging Face format: `AutoModelForSequenceClassification.from_pretrained` loads it.
+4. Export in Hugging Face format: `AutoModelForSequenceClassification.from_pretrained` loads it and
+   scores the same whenever the pad token differs from EOS (`stema.models.value_head` says how it
+   differs when they are equal).
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ from stema.data import collate_attributes, collate_pairs, load_attribute_data, l
 from stema.losses import get_loss
 from stema.losses.reward import IGNORE_LABEL
 from stema.models.loading import load_reward_model
+from stema.models.value_head import reward_scores
 from stema.training import TrainResult
 from stema.training.loop import evaluate_sums
 from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 
 
 def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rewards `[N, k]` (fp32) of the N sequences of a batch, read at each last non-pad token."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.float()
+    """Rewards `[N, k]` (fp32) of the N sequences of a batch, by the one reward readout (each
+    sequence's last attended token), as PPO, rs and annotate read the trained model."""
+    return reward_scores(model, batch["input_ids"], batch["attention_mask"])
 
 
 class PairwiseRewardAlgorithm:

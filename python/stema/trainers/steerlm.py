@@ -4,7 +4,8 @@
    k-output regression reward model on labelled responses (NeMo-Aligner's `{"text", "label"}`
    with -100 where unknown, or HelpSteer attribute columns).
 2. `stema annotate` (`annotate`): the attribute model predicts the k attributes of every
-   (prompt, completion) of a data set, batched, under no_grad; the records are written with one
+   (prompt, completion) of a data set, batched, under no_grad, read by the one reward readout
+   (`stema.rewards.score_sequences`, as `stema rm` trained it); the records are written with one
    column per attribute (`data.attributes` order) to a JSONL file, atomically.
 3. `stema steerlm` (`run`): attribute-conditioned SFT: each prompt gets its response's attribute
    string by the template of `stema.data.steerlm` (values rounded and clamped to
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -33,27 +33,12 @@ from stema.data.steerlm import condition_prompt, format_attributes, load_steered
 from stema.data.tokenize import LengthReport, encode_prompt
 from stema.generation import generate as generate_responses
 from stema.generation import write_jsonl_atomic
-from stema.models.loading import check_model_folders, eval_mode, load_policy, load_tokenizer, resolve_model_path
-from stema.rewards import right_padded
+from stema.models.loading import check_model_folders, load_policy, load_tokenizer, resolve_model_path
+from stema.rewards import score_sequences
 from stema.training import TrainResult
 from stema.distributed import World
 from stema.training.setup import Run, report_data, seed_everything
 from stema.trainers import sft
-
-
-@torch.no_grad()
-def predict_attributes(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_id: int, batch_size: int) -> torch.Tensor:
-    """`[N, k]` fp32 CPU predictions of a k-output attribute model for the token `sequences`,
-    `batch_size` right-padded sequences per forward pass, read at each last token as `stema rm`
-    trained it."""
-    device = next(model.parameters()).device
-    predictions = []
-    with eval_mode(model):
-        for start in range(0, len(sequences), batch_size):
-            input_ids, attention_mask = right_padded(sequences[start : start + batch_size], pad_id)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
-            predictions.append(logits.float().cpu())  # [b, k]
-    return torch.cat(predictions)
 
 
 def _output_run(command: str, output: str) -> Run:
@@ -90,7 +75,7 @@ def annotate(config: AnnotateConfig) -> Path:
             kept.append(example)
             sequences.append(item.input_ids)
     report_data(run, "train", kept, report)
-    predictions = predict_attributes(model, sequences, pad_id=tokenizer.pad_token_id, batch_size=config.annotate.batch_size)
+    predictions = score_sequences(model, sequences, pad_id=tokenizer.pad_token_id, batch_size=config.annotate.batch_size)  # [N, k]
     rows = (
         {"prompt": example.prompt, "completion": example.completion, **{name: round(float(value), 4) for name, value in zip(names, values)}}
         for example, values in zip(kept, predictions.tolist())
