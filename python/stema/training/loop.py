@@ -6,7 +6,9 @@ Each optimizer step:
 3. take this data-parallel rank's contiguous slice of the batch and split it into micro-batches;
    for each, collate, compute `(loss, metrics)` with the global denominators, and backpropagate;
    the gradients are summed over ranks (`stema.distributed.parallelize`), so losses, metrics and
-   gradients add up to exactly the full-batch values at any world size;
+   gradients add up to exactly the full-batch values at any world size; with pipeline stages
+   (`stema.distributed.pipeline`) the micro-batches go through the schedule together and the
+   last stage computes each one's loss from its logits (`Algorithm.loss_from_logits`);
 4. clip the gradient norm, step AdamW and the lr schedule;
 5. sum the metrics over ranks; rank 0 logs (JSONL, TensorBoard, progress bar); evaluate and
    checkpoint on their schedules.
@@ -22,7 +24,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -30,6 +32,7 @@ from stema.config import OptimConfig, TrainerConfig
 from stema.distributed import World
 from stema.distributed.checkpoint import load_model_optimizer, save_model_optimizer
 from stema.distributed.parallelize import clip_grad_norm_, reshard, set_gradient_sync
+from stema.distributed.pipeline import is_pipelined
 from stema.models.loading import eval_mode
 
 from . import checkpoint
@@ -39,7 +42,11 @@ from .sampler import EpochSampler
 
 
 class Algorithm(Protocol):
-    """What a trainer plugs into the loop (one per algorithm: SFT, reward model, DPO, ...)."""
+    """What a trainer plugs into the loop (one per algorithm: SFT, reward model, DPO, ...).
+
+    An algorithm that trains on pipeline stages also has `loss_from_logits(logits, batch,
+    denominators)`: the same `(loss, metrics)` as `loss`, from the model's logits `[N, T, V]`
+    (the last stage's output)."""
 
     name: str
 
@@ -108,6 +115,22 @@ def run_evaluation(model: torch.nn.Module, algorithm: Algorithm, examples: Seque
         return algorithm.evaluate(model, examples)
 
 
+def accumulate_gradients(model: torch.nn.Module, algorithm: Algorithm, batches: list[dict[str, Any]],
+                         denominators: dict[str, int], *, context: Callable) -> dict[str, float]:
+    """Forward and backward of each micro-batch in turn, gradients accumulated (reduced over the
+    data-parallel ranks in the last backward only); the summed loss and metrics."""
+    totals: dict[str, float] = {}
+    for index, batch in enumerate(batches):
+        set_gradient_sync(model, index == len(batches) - 1)
+        with context():
+            loss, metrics = algorithm.loss(model, batch, denominators)
+        loss.backward()
+        totals["loss"] = totals.get("loss", 0.0) + loss.item()
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
 def train(
     *,
     model: torch.nn.Module,
@@ -131,7 +154,8 @@ def train(
             f"nothing to train: {len(train_examples)} examples give no full global batch of "
             f"{trainer_cfg.global_batch_size} (set trainer.max_steps or add data)"
         )
-    if trainer_cfg.global_batch_size % (trainer_cfg.micro_batch_size * world.dp_size):
+    pipeline = model.pipeline if is_pipelined(model) else None
+    if pipeline is None and trainer_cfg.global_batch_size % (trainer_cfg.micro_batch_size * world.dp_size):
         raise ValueError(
             f"trainer.global_batch_size ({trainer_cfg.global_batch_size}) must be a multiple of trainer.micro_batch_size "
             f"({trainer_cfg.micro_batch_size}) x data-parallel ranks ({world.dp_size})"
@@ -174,7 +198,7 @@ def train(
 
     logger = MetricsLogger(output_dir, tensorboard=trainer_cfg.tensorboard) if world.is_main else None
     bar = progress_bar(steps, step, enabled=trainer_cfg.progress_bar and world.is_main, description=algorithm.name)
-    micro_size = trainer_cfg.micro_batch_size
+    micro_size = per_rank // pipeline.microbatches if pipeline is not None else trainer_cfg.micro_batch_size
     model.train()
     try:
         while step < steps:
@@ -182,21 +206,20 @@ def train(
             examples = [train_examples[index] for index in sampler.next_batch()]
             denominators = algorithm.denominators(examples)
             mine = examples[world.dp_rank * per_rank : (world.dp_rank + 1) * per_rank]
-            totals: dict[str, float] = {}
-            tokens = 0
-            for start in range(0, len(mine), micro_size):
-                set_gradient_sync(model, start + micro_size >= len(mine))
-                batch = to_device(algorithm.collate(mine[start : start + micro_size]), device)
-                with autocast_context(trainer_cfg, device):
-                    loss, metrics = algorithm.loss(model, batch, denominators)
-                loss.backward()
-                tokens += algorithm.num_tokens(batch)
-                totals["loss"] = totals.get("loss", 0.0) + loss.item()
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
+            batches = [to_device(algorithm.collate(mine[start : start + micro_size]), device) for start in range(0, len(mine), micro_size)]
+            if pipeline is None:
+                totals = accumulate_gradients(model, algorithm, batches, denominators, context=lambda: autocast_context(trainer_cfg, device))
+            else:
+                totals = world.sum_over_pipeline(pipeline.train_step(
+                    batches, loss_of=lambda logits, batch: algorithm.loss_from_logits(logits, batch, denominators),
+                    context=autocast_context(trainer_cfg, device),
+                ))
+            tokens = sum(algorithm.num_tokens(batch) for batch in batches)
             totals = world.sum_over_data_parallel({**totals, "tokens": tokens})
             if optim_cfg.max_grad_norm > 0:
-                totals["grad_norm"] = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg.max_grad_norm)
+                pipeline_group = world.mesh["pp"].get_group() if pipeline is not None else None
+                totals["grad_norm"] = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg.max_grad_norm,
+                                                      pipeline_group=pipeline_group)
             totals["lr"] = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

@@ -46,8 +46,12 @@ def seed_everything(seed: int) -> None:
 
 
 def start_run(config: Any, *, command: str) -> Run:
-    """Join the process group when launched by torchrun, create the output folder, save the
-    resolved config beside the results (rank 0), seed, pick the device."""
+    """Check the pipeline settings (ConfigError before any process group), join the process group
+    when launched by torchrun, create the output folder, save the resolved config beside the
+    results (rank 0), seed, pick the device."""
+    from stema.distributed.pipeline import check_pipeline_config
+
+    check_pipeline_config(config, command=command)
     world = init_world(config.distributed, role=command)
     output_dir = Path(config.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +59,8 @@ def start_run(config: Any, *, command: str) -> Run:
         (output_dir / "config.yaml").write_text(to_yaml(config))
     seed_everything(config.trainer.seed)
     run = Run(command=command, output_dir=output_dir, device=world.device, world=world)
-    where = f", {world.world_size} processes ({world.dp_size} data x {world.tp_size} tensor parallel)" if world.distributed else ""
+    stages = f" x {world.pp_size} pipeline stages" if world.pp_size > 1 else ""
+    where = f", {world.world_size} processes ({world.dp_size} data x {world.tp_size} tensor parallel{stages})" if world.distributed else ""
     run.say(f"output in {output_dir}, device {world.device}{where}")
     return run
 
@@ -66,8 +71,14 @@ def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Modul
     ranks share: the policy, a frozen reference): `distributed.role_model.place_on_world`, which
     places LoRA models too and refuses them with tensor parallel. (`rs` and `spin` refuse LoRA
     under several processes when they build their engine's refitter:
-    `distributed.role_model.engine_refitter`.)"""
+    `distributed.role_model.engine_refitter`.) With `distributed.pp_size > 1`, this rank's
+    pipeline stages of the model (`stema.distributed.pipeline.place_pipeline`)."""
     from stema.distributed.role_model import place_on_world
+
+    if run.world.pp_size > 1:
+        from stema.distributed.pipeline import place_pipeline
+
+        return place_pipeline(model, run.world, config)
 
     return place_on_world(model, run.world, config.distributed)
 
