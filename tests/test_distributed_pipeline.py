@@ -11,16 +11,18 @@ order within each micro-batch, but (a) the pipeline pads every row to `data.max_
 by causality alone, where the 1-process run pads to the micro-batch's longest row with a padding
 mask, so attention and matmuls run over other shapes (other blockings, fp32 rounding of order
 1e-7 relative per value), and (b) the losses and gradients are summed over the micro-batches in
-the schedule's order. A loss of about 4 summed over ~300 tokens then differs by ~1e-6; AdamW
-(lr 3e-3) turns a relative gradient difference d into an update difference of about lr * d
-except for entries whose gradient is near zero, where m / sqrt(v) can move by up to lr * 1e-3 in
-5 steps. Hence 1e-5 on the loss and relative grad norm (`distributed_launch.TOLERANCE`, as for
-FSDP) and 1e-5 on the exported weights.
+the schedule's order. A loss of about 4 summed over ~300 tokens then differs by ~1e-6 (seen:
+3e-7); hence 1e-5 on the loss and the relative grad norm (`distributed_launch.TOLERANCE`, as for
+FSDP). AdamW (lr 3e-3) turns a relative gradient difference d into an update difference of about
+lr * d, so the bulk of the weights agree to ~1e-8; but an entry whose gradient sits within the
+rounding noise of zero at some step gets a direction m / sqrt(v) that differs between the two
+summation orders by much more (seen: one entry of 1024 in DPO's last o_proj off by 1.1e-5 after 5
+steps). Each step moves an entry by at most about lr, so the exported weights are held to
+1e-3 x lr x steps = 1.5e-5 everywhere and to 1e-6 in all but one entry in 1000.
 """
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
@@ -35,7 +37,9 @@ from stema.training.logging import read_metrics
 
 pytestmark = pytest.mark.skipif(not gloo_available, reason="torch.distributed with gloo is not available")
 
-WEIGHT_TOLERANCE = 1e-5
+LR = 3e-3  # distributed_launch.argv's optim.lr
+WEIGHT_TOLERANCE = 1e-3 * LR * STEPS
+BULK_TOLERANCE, BULK_SHARE = 1e-6, 0.999
 
 
 def save_untied(path, family, *, layers=4, seed=0):
@@ -71,10 +75,13 @@ def exported(folder):
 
 
 def assert_same_weights(gathered, single):
+    """Every entry within WEIGHT_TOLERANCE, all but 1 in 1000 within BULK_TOLERANCE (see the module docstring)."""
     assert gathered.keys() == single.keys()
-    worst = max((gathered[name] - single[name]).abs().max().item() for name in single)
-    print(f"largest weight difference {worst:.2e}")
+    differences = torch.cat([(gathered[name] - single[name]).abs().flatten() for name in single])
+    worst, close = differences.max().item(), (differences <= BULK_TOLERANCE).float().mean().item()
+    print(f"largest weight difference {worst:.2e}; {close:.5f} of the entries within {BULK_TOLERANCE:g}")
     assert worst < WEIGHT_TOLERANCE
+    assert close >= BULK_SHARE
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +99,18 @@ def test_pipeline_sft_two_stages_equal_one_process_and_export_the_same_model(sft
     assert_same_weights(exported(two / "hf"), exported(one / "hf"))
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "interleaved_1f1b"])
-def test_pipeline_sft_other_schedules_equal_one_process(sft_runs, untied_llama, tmp_path, schedule):
-    """gpipe (all forwards, then all backwards) and interleaved 1f1b (stages 0 and 2 on rank 0, 1
-    and 3 on rank 1: one decoder layer each) give the same curve."""
+def test_pipeline_sft_interleaved_schedule_equals_one_process(sft_runs, untied_llama, tmp_path):
+    """Interleaved 1f1b: stages 0 and 2 on rank 0, 1 and 3 on rank 1, one decoder layer each."""
     one, _ = sft_runs
-    torchrun_cli(2, argv("sft", tmp_path, untied_llama, "trainer.export_hf=false", *pp(2, schedule)))
+    torchrun_cli(2, argv("sft", tmp_path, untied_llama, "trainer.export_hf=false", *pp(2, "interleaved_1f1b")))
     assert_same_curve(curve(tmp_path), curve(one))
 
 
 def test_pipeline_sft_two_stages_by_two_data_parallel_ranks_equal_one_process(sft_runs, untied_llama, tmp_path):
+    """4 processes: 2 stages x 2 data-parallel ranks (FSDP2 inside each stage), gpipe schedule
+    (all forwards, then all backwards)."""
     one, _ = sft_runs
-    torchrun_cli(4, argv("sft", tmp_path, untied_llama, "trainer.export_hf=false", *pp()), timeout=240)
+    torchrun_cli(4, argv("sft", tmp_path, untied_llama, "trainer.export_hf=false", *pp(2, "gpipe")), timeout=240)
     assert_same_curve(curve(tmp_path), curve(one))
 
 
@@ -230,34 +237,36 @@ model = place_pipeline(AutoModelForCausalLM.from_pretrained(path), world, config
 ids = torch.arange(3, 11).reshape(1, 8)
 batches = [dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)] * 2
 loss_of = lambda logits, batch: (-logits_token_logprobs(logits, batch)[0].sum() / 14, {{}})
-with world.failures_named():
-    for step in range(1, 4):
-        if world.rank == 1 and step == 2:
-            if behaviour == "exit":
-                os._exit(3)
-            time.sleep(120)
-        model.pipeline.train_step(batches, loss_of=loss_of, context=torch.enable_grad())
-        world.mark(step)
-print("finished", flush=True)
+try:
+    with world.failures_named():
+        for step in range(1, 4):
+            if world.rank == 1 and step == 2:
+                if behaviour == "exit":
+                    os._exit(3)
+                time.sleep(120)
+            model.pipeline.train_step(batches, loss_of=loss_of, context=torch.enable_grad())
+            world.mark(step)
+            finished = time.monotonic()
+finally:
+    print(f"stopped {{time.monotonic() - finished:.2f}}s after step 1", file=sys.stderr, flush=True)
 """
 
 
 @pytest.mark.parametrize("behaviour", ["hang", "exit"])
 def test_pipeline_dead_or_hung_stage_is_named_with_its_rank_and_stage(untied_llama, tmp_path, behaviour):
-    """Stage 1 (rank 1) dies or hangs before its second step: rank 0 (stage 0), waiting for its
-    activations' gradients, stops within the timeout naming rank 1 and its stage."""
+    """Stage 1 (rank 1) dies or hangs before its second step: rank 0 (stage 0), whose activations
+    it no longer takes, stops within the timeout naming rank 1 and its stage."""
     script = tmp_path / "stages.py"
     script.write_text(STAGE_SCRIPT.format(timeout=TIMEOUT_S))
-    started = time.monotonic()
     rank_0, rank_1 = start_ranks(script, 2, behaviour, str(untied_llama))
-    ((code_0, err_0),) = finish([rank_0], timeout=TIMEOUT_S + 60)
-    elapsed = time.monotonic() - started
+    ((code_0, err_0),) = finish([rank_0], timeout=TIMEOUT_S + 120)
     if behaviour == "hang":
         rank_1.kill()
     finish([rank_1], timeout=10)
     assert code_0 not in (0, None, -9), err_0[-2000:]
     message = next(line for line in err_0.splitlines() if "CollectiveError:" in line)
-    print(f"{behaviour}: rank 0 stopped after {elapsed:.1f}s: {message}")
+    print(f"{behaviour}: {message}")
     assert "sft rank 0 (pipeline stage 0) of 2" in message
-    assert "rank 1 (pipeline stage 1) (last finished step 1)" in message
-    assert elapsed < TIMEOUT_S + 45  # process start-up, imports and the model load included
+    assert "waits on the stages of its pipeline: rank 1 (pipeline stage 1), last finished step 1" in message
+    waited = float(next(line for line in err_0.splitlines() if line.startswith("stopped ")).split()[1].rstrip("s"))
+    assert waited < TIMEOUT_S + 10  # the timeout, then the error; slack for a loaded machine

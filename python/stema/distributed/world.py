@@ -125,11 +125,21 @@ class World:
             found[rank] = int(store.get(key)) if store.check([key]) else None
         return found
 
+    def pipeline_peers(self) -> list[int]:
+        """The other ranks of this rank's pipeline group (the stages it exchanges activations with)."""
+        stride = self.dp_size * self.tp_size
+        return [self.rank % stride + stage * stride for stage in range(self.pp_size) if stage != self.pp_rank]
+
     def _laggards(self) -> str:
         try:
-            return _laggards_text(self.progress(), self.rank, name=self.describe_rank)
+            progress = self.progress()
         except Exception as error:  # the store may have gone with a dead rank
             return f"the other ranks' progress is unknown (store: {type(error).__name__})"
+        text = _laggards_text(progress, self.rank, name=self.describe_rank)
+        if self.pp_size > 1:
+            peers = ", ".join(f"{self.describe_rank(peer)}, last finished step {progress.get(peer)}" for peer in self.pipeline_peers())
+            text += f"; this stage waits on the stages of its pipeline: {peers}"
+        return text
 
     @contextlib.contextmanager
     def failures_named(self) -> Iterator[None]:
