@@ -248,7 +248,7 @@ class RolesConfig:
 
 @dataclass
 class DistributedConfig:
-    """Data parallel (FSDP2) and tensor parallel under `torchrun`; a single process ignores it."""
+    """Data parallel (FSDP2), tensor parallel and pipeline parallel under `torchrun`; a single process ignores it (pp_size > 1 needs pp_size processes or more)."""
 
     strategy: Literal["fsdp", "none"] = option(
         "fsdp", "'fsdp': shard weights, gradients and optimizer state over the data-parallel ranks (FSDP2) when "
