@@ -1,7 +1,7 @@
 """Pipeline parallel (`stema.distributed.pipeline`, on torch.distributed.pipelining): torchrun runs of
 `stema sft` and `stema dpo` with `distributed.pp_size=2` (gloo, CPU) equal the 1-process run with
 the same global batch, step by step (loss and pre-clipping gradient norm) and in the exported
-Hugging Face weights; pp=2 x dp=2 (4 processes) equals it too; a pp=2 checkpoint resumes at pp=1
+Hugging Face weights; pp=2 x dp=2 and interleaved pp=2 x tp=2 (4 processes each) equal it too; a pp=2 checkpoint resumes at pp=1
 and at dp=2 onto the same curve; a dead or hung stage is named with its rank and stage. Each
 family's seam (Llama, Qwen2 with sliding-window layers, Mistral) chained stage by stage equals the
 model's own forward, and the settings that cannot run are refused before any process starts.
@@ -99,10 +99,12 @@ def test_pipeline_sft_two_stages_equal_one_process_and_export_the_same_model(sft
     assert_same_weights(exported(two / "hf"), exported(one / "hf"))
 
 
-def test_pipeline_sft_interleaved_schedule_equals_one_process(sft_runs, untied_llama, tmp_path):
-    """Interleaved 1f1b: stages 0 and 2 on rank 0, 1 and 3 on rank 1, one decoder layer each."""
+def test_pipeline_sft_interleaved_stages_with_tensor_parallel_equal_one_process(sft_runs, untied_llama, tmp_path):
+    """4 processes: interleaved 1f1b over 2 pipeline ranks (stages 0 and 2 on the first, 1 and 3 on
+    the second, one decoder layer each), each stage tensor parallel over 2 ranks."""
     one, _ = sft_runs
-    torchrun_cli(2, argv("sft", tmp_path, untied_llama, "trainer.export_hf=false", *pp(2, "interleaved_1f1b")))
+    torchrun_cli(4, argv("sft", tmp_path, untied_llama, "trainer.export_hf=false", "distributed.tp_size=2",
+                         *pp(2, "interleaved_1f1b")), timeout=240)
     assert_same_curve(curve(tmp_path), curve(one))
 
 

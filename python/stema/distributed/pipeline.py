@@ -28,7 +28,6 @@ activations through buffers of a fixed shape, given up front (static shapes, no 
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any, Callable
 
@@ -143,6 +142,14 @@ def check_pipeline_config(config: Any, *, command: str, world_size: int | None =
     if world_size % (pp * dist_cfg.tp_size):
         raise ConfigError(f"distributed.pp_size={pp} x distributed.tp_size={dist_cfg.tp_size} must divide the world size "
                           f"{world_size} (torchrun --nproc_per_node)")
+    _check_pipeline_settings(config)
+    _check_pipeline_model(config)
+    _check_pipeline_batches(config, dp_size=world_size // (pp * dist_cfg.tp_size))
+
+
+def _check_pipeline_settings(config: Any) -> None:
+    """What the stages cannot carry: LoRA, packing, evaluation, a live DPO reference."""
+    pp = config.distributed.pp_size
     if config.model.lora.enabled:
         raise ConfigError(f"model.lora: LoRA is not supported with pipeline parallel (distributed.pp_size={pp}); use pp_size 1")
     if config.data.packing:
@@ -155,6 +162,12 @@ def check_pipeline_config(config: Any, *, command: str, world_size: int | None =
     if preference is not None and preference.loss != "simpo" and not preference.precompute_ref_logprobs:
         raise ConfigError(f"preference.precompute_ref_logprobs: with distributed.pp_size={pp} the reference log-probs are "
                           "computed once through the reference's stages before training; set it to true")
+
+
+def _check_pipeline_model(config: Any) -> None:
+    """A family with a seam, untied embeddings, at least a decoder layer per stage."""
+    dist_cfg = config.distributed
+    pp = dist_cfg.pp_size
     model_config = _model_config(config.model)
     family = model_config.model_type
     if family not in PIPELINE_SEAMS:
@@ -167,8 +180,12 @@ def check_pipeline_config(config: Any, *, command: str, world_size: int | None =
     if model_config.num_hidden_layers < stages:
         raise ConfigError(f"distributed.pp_schedule={dist_cfg.pp_schedule} with distributed.pp_size={pp} makes {stages} stages, "
                           f"more than the model's {model_config.num_hidden_layers} decoder layers")
-    dp_size = world_size // (pp * dist_cfg.tp_size)
-    trainer = config.trainer
+
+
+def _check_pipeline_batches(config: Any, *, dp_size: int) -> None:
+    """Micro-batches that divide each data-parallel rank's share (a multiple of pp_size when interleaved)."""
+    dist_cfg, trainer = config.distributed, config.trainer
+    pp = dist_cfg.pp_size
     per_rank, remainder = divmod(trainer.global_batch_size, dp_size)
     microbatches = pipeline_microbatches(dist_cfg, trainer, dp_size=dp_size)
     if remainder or per_rank % microbatches:
@@ -423,9 +440,3 @@ def place_pipeline(model: torch.nn.Module, world: World, config: Any) -> Pipelin
     )
     return rank_model
 
-
-def copy_for_reference(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of a (not yet placed) model: the reference's own stages."""
-    frozen = copy.deepcopy(model).eval()
-    frozen.requires_grad_(False)
-    return frozen
