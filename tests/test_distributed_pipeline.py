@@ -1,10 +1,11 @@
 """Pipeline parallel (`stema.distributed.pipeline`, on torch.distributed.pipelining): torchrun runs of
 `stema sft` and `stema dpo` with `distributed.pp_size=2` (gloo, CPU) equal the 1-process run with
 the same global batch, step by step (loss and pre-clipping gradient norm) and in the exported
-Hugging Face weights; pp=2 x dp=2 and interleaved pp=2 x tp=2 (4 processes each) equal it too; a pp=2 checkpoint resumes at pp=1
-and at dp=2 onto the same curve; a dead or hung stage is named with its rank and stage. Each
-family's seam (Llama, Qwen2 with sliding-window layers, Mistral) chained stage by stage equals the
-model's own forward, and the settings that cannot run are refused before any process starts.
+Hugging Face weights; pp=2 x dp=2 and interleaved pp=2 x tp=2 (4 processes each) equal it too; a
+pp=2 checkpoint resumes at pp=1 and at dp=2 onto the same curve; a dead or hung stage is named
+with its rank and stage. Each family's seam (Llama, Qwen2 with sliding-window layers, Mistral)
+chained stage by stage equals the model's own forward, and the settings that cannot run are
+refused before any process starts.
 
 Tolerances, from the arithmetic: the stages compute what the whole model computes, in the same
 order within each micro-batch, but (a) the pipeline pads every row to `data.max_length` and masks
@@ -14,11 +15,12 @@ mask, so attention and matmuls run over other shapes (other blockings, fp32 roun
 the schedule's order. A loss of about 4 summed over ~300 tokens then differs by ~1e-6 (seen:
 3e-7); hence 1e-5 on the loss and the relative grad norm (`distributed_launch.TOLERANCE`, as for
 FSDP). AdamW (lr 3e-3) turns a relative gradient difference d into an update difference of about
-lr * d, so the bulk of the weights agree to ~1e-8; but an entry whose gradient sits within the
-rounding noise of zero at some step gets a direction m / sqrt(v) that differs between the two
-summation orders by much more (seen: one entry of 1024 in DPO's last o_proj off by 1.1e-5 after 5
-steps). Each step moves an entry by at most about lr, so the exported weights are held to
-1e-3 x lr x steps = 1.5e-5 everywhere and to 1e-6 in all but one entry in 1000.
+lr * d, so most weights agree to ~1e-8; but an entry whose gradient sits within the rounding noise
+of zero at some step gets a direction m / sqrt(v) that differs between the two summation orders by
+much more (seen here: one entry of 1024 in DPO's last o_proj off by 1.1e-5 after 5 steps, where
+training moved it by 7e-3; the sharded PPO export saw 1.3e-5 on an Intel Xeon). So the exported
+weights are held, as the other sharded exports are, to 1% of the largest change training made to
+any weight (here 9e-3, so 9e-5), and training must have moved them.
 """
 
 import json
@@ -37,9 +39,7 @@ from stema.training.logging import read_metrics
 
 pytestmark = pytest.mark.skipif(not gloo_available, reason="torch.distributed with gloo is not available")
 
-LR = 3e-3  # distributed_launch.argv's optim.lr
-WEIGHT_TOLERANCE = 1e-3 * LR * STEPS
-BULK_TOLERANCE, BULK_SHARE = 1e-6, 0.999
+WEIGHT_SHARE = 1e-2  # of the largest weight change training made
 
 
 def save_untied(path, family, *, layers=4, seed=0):
@@ -74,14 +74,14 @@ def exported(folder):
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
 
 
-def assert_same_weights(gathered, single):
-    """Every entry within WEIGHT_TOLERANCE, all but 1 in 1000 within BULK_TOLERANCE (see the module docstring)."""
+def assert_same_weights(gathered, single, initial):
+    """Every entry within WEIGHT_SHARE of the largest change training made (see the module docstring)."""
     assert gathered.keys() == single.keys()
-    differences = torch.cat([(gathered[name] - single[name]).abs().flatten() for name in single])
-    worst, close = differences.max().item(), (differences <= BULK_TOLERANCE).float().mean().item()
-    print(f"largest weight difference {worst:.2e}; {close:.5f} of the entries within {BULK_TOLERANCE:g}")
-    assert worst < WEIGHT_TOLERANCE
-    assert close >= BULK_SHARE
+    worst = max((gathered[name] - single[name]).abs().max().item() for name in single)
+    moved = max((single[name] - initial[name]).abs().max().item() for name in single)
+    print(f"largest weight difference {worst:.2e}; largest change by training {moved:.2e}")
+    assert moved > 1e-3
+    assert worst <= WEIGHT_SHARE * moved
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +93,10 @@ def sft_runs(untied_llama, tmp_path_factory):
     return root / "one", root / "pp2"
 
 
-def test_pipeline_sft_two_stages_equal_one_process_and_export_the_same_model(sft_runs):
+def test_pipeline_sft_two_stages_equal_one_process_and_export_the_same_model(sft_runs, untied_llama):
     one, two = sft_runs
     assert_same_curve(curve(two), curve(one))
-    assert_same_weights(exported(two / "hf"), exported(one / "hf"))
+    assert_same_weights(exported(two / "hf"), exported(one / "hf"), exported(untied_llama))
 
 
 def test_pipeline_sft_interleaved_stages_with_tensor_parallel_equal_one_process(sft_runs, untied_llama, tmp_path):
@@ -130,7 +130,7 @@ def test_pipeline_checkpoint_resumes_in_one_process_onto_the_same_curve(sft_runs
     resumed = resumed_from(two, tmp_path / "resumed", 3)
     assert main(argv("sft", resumed, untied_llama, "trainer.save_every=3", "trainer.resume=true")) == 0
     assert_same_curve(curve(resumed), curve(one))
-    assert_same_weights(exported(resumed / "hf"), exported(one / "hf"))
+    assert_same_weights(exported(resumed / "hf"), exported(one / "hf"), exported(untied_llama))
 
 
 def test_pipeline_checkpoint_resumes_with_two_data_parallel_ranks_onto_the_same_curve(sft_runs, untied_llama, tmp_path):
@@ -146,7 +146,7 @@ def test_pipeline_dpo_two_stages_equal_one_process(untied_llama, tmp_path):
     assert main(argv("dpo", tmp_path / "one", untied_llama, *extra)) == 0
     torchrun_cli(2, argv("dpo", tmp_path / "pp2", untied_llama, *extra, *pp()))
     assert_same_curve(curve(tmp_path / "pp2"), curve(tmp_path / "one"))
-    assert_same_weights(exported(tmp_path / "pp2" / "hf"), exported(tmp_path / "one" / "hf"))
+    assert_same_weights(exported(tmp_path / "pp2" / "hf"), exported(tmp_path / "one" / "hf"), exported(untied_llama))
 
 
 @pytest.mark.parametrize("family", sorted(PIPELINE_SEAMS))
