@@ -28,7 +28,7 @@ import shutil
 
 import pytest
 import torch
-from distributed_launch import STEPS, argv, assert_same_curve, curve, finish, gloo_available, start_ranks, torchrun_cli
+from distributed_launch import argv, assert_same_curve, curve, finish, gloo_available, start_ranks, torchrun_cli
 
 from stema.cli import main
 from stema.config import ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
@@ -186,8 +186,8 @@ def test_pipeline_stage_layers_split_evenly():
     (SFTConfig, "sft", ["distributed.pp_size=2", "data.packing=true"], ["data.packing", "distributed.pp_size=2"]),
     (SFTConfig, "sft", ["distributed.pp_size=2", "trainer.global_batch_size=6", "trainer.micro_batch_size=1",
                         "distributed.pp_microbatches=4"], ["distributed.pp_microbatches", "trainer.global_batch_size"]),
-    (SFTConfig, "sft", ["distributed.pp_size=2", "distributed.pp_schedule=interleaved_1f1b", "distributed.pp_microbatches=3", "trainer.micro_batch_size=1",
-                        "trainer.global_batch_size=6"], ["interleaved_1f1b", "distributed.pp_size=2"]),
+    (SFTConfig, "sft", ["distributed.pp_size=2", "distributed.pp_schedule=interleaved_1f1b", "distributed.pp_microbatches=3",
+                        "trainer.micro_batch_size=1", "trainer.global_batch_size=6"], ["interleaved_1f1b", "distributed.pp_size=2"]),
     (SFTConfig, "sft", ["distributed.pp_size=4", "distributed.pp_schedule=interleaved_1f1b"],
      ["distributed.pp_schedule=interleaved_1f1b", "8 stages", "4 decoder layers"]),
     (DPOConfig, "dpo", ["distributed.pp_size=2"], ["preference.precompute_ref_logprobs", "distributed.pp_size=2"]),

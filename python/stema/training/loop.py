@@ -206,9 +206,11 @@ def train(
             examples = [train_examples[index] for index in sampler.next_batch()]
             denominators = algorithm.denominators(examples)
             mine = examples[world.dp_rank * per_rank : (world.dp_rank + 1) * per_rank]
-            batches = [to_device(algorithm.collate(mine[start : start + micro_size]), device) for start in range(0, len(mine), micro_size)]
+            batches = [to_device(algorithm.collate(mine[start : start + micro_size]), device)
+                       for start in range(0, len(mine), micro_size)]
             if pipeline is None:
-                totals = accumulate_gradients(model, algorithm, batches, denominators, context=lambda: autocast_context(trainer_cfg, device))
+                totals = accumulate_gradients(model, algorithm, batches, denominators,
+                                              context=lambda: autocast_context(trainer_cfg, device))
             else:
                 totals = world.sum_over_pipeline(pipeline.train_step(
                     batches, loss_of=lambda logits, batch: algorithm.loss_from_logits(logits, batch, denominators),
