@@ -34,14 +34,15 @@ from typing import Any, Callable
 import torch
 
 from stema.config import ConfigError
+from stema.models.loading import SCORE_HEAD
 
 from .world import World
 
 # family -> function(config, hidden [B, T, H], positions [1, T]) -> (layer index -> attention mask)
 PIPELINE_SEAMS: dict[str, Callable[..., Callable[[int], Any]]] = {}
 
-# commands whose training loss can be computed from the last stage's logits (loss_from_logits)
-PIPELINE_COMMANDS = ("sft", "dpo", "steerlm")
+# commands whose training loss can be computed from the last stage's outputs (loss_from_logits)
+PIPELINE_COMMANDS = ("sft", "dpo", "steerlm", "rm")
 
 
 def register_pipeline_seam(family: str) -> Callable:
@@ -143,7 +144,7 @@ def check_pipeline_config(config: Any, *, command: str, world_size: int | None =
         raise ConfigError(f"distributed.pp_size={pp} x distributed.tp_size={dist_cfg.tp_size} must divide the world size "
                           f"{world_size} (torchrun --nproc_per_node)")
     _check_pipeline_settings(config)
-    _check_pipeline_model(config)
+    _check_pipeline_model(config, uses_lm_head=command != "rm")
     _check_pipeline_batches(config, dp_size=world_size // (pp * dist_cfg.tp_size))
 
 
@@ -164,8 +165,8 @@ def _check_pipeline_settings(config: Any) -> None:
                           "computed once through the reference's stages before training; set it to true")
 
 
-def _check_pipeline_model(config: Any) -> None:
-    """A family with a seam, untied embeddings, at least a decoder layer per stage."""
+def _check_pipeline_model(config: Any, *, uses_lm_head: bool) -> None:
+    """A family with a seam, untied embeddings (when the LM head trains), at least a decoder layer per stage."""
     dist_cfg = config.distributed
     pp = dist_cfg.pp_size
     model_config = _model_config(config.model)
@@ -173,7 +174,7 @@ def _check_pipeline_model(config: Any) -> None:
     if family not in PIPELINE_SEAMS:
         raise ConfigError(f"distributed.pp_size={pp}: model.path {config.model.path} is a {family!r} model; pipeline stages "
                           f"exist for {', '.join(sorted(PIPELINE_SEAMS))}")
-    if getattr(model_config, "tie_word_embeddings", False):
+    if uses_lm_head and getattr(model_config, "tie_word_embeddings", False):
         raise ConfigError(f"model.path: {config.model.path} ties its input and output embeddings, which the first and last "
                           f"pipeline stages hold on different ranks; distributed.pp_size={pp} needs untied embeddings")
     stages = pp * stages_per_rank(dist_cfg.pp_schedule)
@@ -198,8 +199,9 @@ def _check_pipeline_batches(config: Any, *, dp_size: int) -> None:
 
 class StageView(torch.nn.Module):
     """One pipeline stage's forward over modules that its rank's `PipelineRankModel` owns:
-    token ids `[B, T]` (first stage) or hidden states `[B, T, H]` in; hidden states, or logits
-    `[B, T, V]` (last stage) out."""
+    token ids `[B, T]` (first stage) or hidden states `[B, T, H]` in; hidden states, or the
+    head's outputs at every position (last stage: logits `[B, T, V]`, or a reward model's scores
+    `[B, T, k]`) out."""
 
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module | None, *, layers: range, first: bool, last: bool,
                  config: Any, masks: Callable):
@@ -207,7 +209,7 @@ class StageView(torch.nn.Module):
         self.embed_tokens = backbone.embed_tokens if first else None
         self.layers = torch.nn.ModuleDict({str(index): backbone.layers[str(index)] for index in layers})
         self.norm = backbone.norm if last else None
-        self.lm_head = head if last else None
+        self.head = head if last else None
         self.rotary_emb = backbone.rotary_emb
         self.config = config
         self.masks = masks
@@ -220,15 +222,16 @@ class StageView(torch.nn.Module):
         for index, layer in self.layers.items():
             hidden = layer(hidden, attention_mask=mask_of(int(index)), position_ids=positions,
                            position_embeddings=position_embeddings)
-        if self.lm_head is None:
+        if self.head is None:
             return hidden
-        return self.lm_head(self.norm(hidden))  # [B, T, V]
+        return self.head(self.norm(hidden))  # [B, T, V] or [B, T, k]
 
 
 class PipelineRankModel(torch.nn.Module):
     """The parameters of one rank's pipeline stages under the Hugging Face model's names: the
     backbone (`model`: embedding if this rank holds the first stage, its decoder layers in a
-    ModuleDict keyed by their layer index, final norm if it holds the last) and `lm_head`.
+    ModuleDict keyed by their layer index, final norm if it holds the last) and the head (a causal
+    LM's `lm_head`, a sequence classifier's `score`) if it holds the last.
 
     Attributes:
         stages: the `StageView`s of this rank, in stage order (they share these modules).
@@ -254,14 +257,17 @@ class PipelineRankModel(torch.nn.Module):
             backbone.norm = None
         self.base_model_prefix = causal_lm.base_model_prefix
         setattr(self, self.base_model_prefix, backbone)
-        self.lm_head = causal_lm.get_output_embeddings() if last else None
+        self.head_name = "lm_head" if causal_lm.get_output_embeddings() is not None else SCORE_HEAD
+        head = getattr(causal_lm, self.head_name)
+        setattr(self, self.head_name, head if last else None)
+        self.head_outputs = head.out_features
         self.config = causal_lm.config
         self.causal_lm_class = type(causal_lm)
         self.generation_config = getattr(causal_lm, "generation_config", None)
         self.stage_indices = list(stage_indices)
         self.num_stages = num_stages
         self.stages = [
-            StageView(backbone, self.lm_head, layers=layers[stage], first=stage == 0, last=stage == num_stages - 1,
+            StageView(backbone, head, layers=layers[stage], first=stage == 0, last=stage == num_stages - 1,
                       config=causal_lm.config, masks=PIPELINE_SEAMS[family])
             for stage in stage_indices
         ]
@@ -271,7 +277,7 @@ class PipelineRankModel(torch.nn.Module):
         return getattr(self, self.base_model_prefix).embed_tokens
 
     def get_output_embeddings(self) -> torch.nn.Module | None:
-        return self.lm_head
+        return getattr(self, "lm_head", None)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a pipeline rank's model runs through its Pipeline (train_step), not by calling it")
@@ -281,14 +287,14 @@ def is_pipelined(model: torch.nn.Module) -> bool:
     return isinstance(model, PipelineRankModel)
 
 
-def pad_batch(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+def pad_batch(batch: dict[str, torch.Tensor], length: int, *, pad_id: int) -> dict[str, torch.Tensor]:
     """Every `[rows, T]` tensor of a collated batch right-padded to `[rows, length]`: input ids
-    with 0 (causal attention keeps padding out of the earlier positions, whatever its ids),
-    attention masks with 0, labels with -100 (no loss)."""
+    with `pad_id` (a reward model reads each row at its last non-pad token; causal attention keeps
+    padding out of the earlier positions), attention masks with 0, labels with -100 (no loss)."""
     width = batch["input_ids"].shape[1]
     if width > length:
         raise ValueError(f"a micro-batch has {width} tokens per row, more than data.max_length={length} that the pipeline stages exchange")
-    values = {"labels": -100}
+    values = {"labels": -100, "input_ids": pad_id}
     padded = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == width:
@@ -309,6 +315,7 @@ class Pipeline:
         self.schedule_name = schedule
         self.microbatches = microbatches
         self.length = length
+        self.pad_id = model.config.pad_token_id or 0
         self._schedule = None
         self._step_batches: list[dict[str, torch.Tensor]] = []
         self._loss_of: Callable | None = None
@@ -329,7 +336,7 @@ class Pipeline:
         dtype = next(p for p in self.model.parameters()).dtype
         # requires_grad: the activations' gradients travel back between the stages
         hidden = torch.empty(rows, self.length, config.hidden_size, dtype=dtype, device="meta", requires_grad=True)
-        logits = torch.empty(rows, self.length, config.vocab_size, dtype=dtype, device="meta", requires_grad=True)
+        logits = torch.empty(rows, self.length, self.model.head_outputs, dtype=dtype, device="meta", requires_grad=True)
         token_ids = torch.empty(rows, self.length, dtype=torch.long, device="meta")
         group = self.world.mesh["pp"].get_group()
         stages = [
@@ -359,7 +366,7 @@ class Pipeline:
         stage. Returns the summed loss and metrics (on the last stage; {} elsewhere)."""
         if len(batches) != self.microbatches:
             raise ValueError(f"the pipeline runs {self.microbatches} micro-batches per step, got {len(batches)}")
-        batches = [pad_batch(batch, self.length) for batch in batches]
+        batches = [pad_batch(batch, self.length, pad_id=self.pad_id) for batch in batches]
         if self._schedule is None:
             self._build(batches[0]["input_ids"].shape[0])
         self._step_batches, self._loss_of, self._totals = batches, loss_of, {}
@@ -385,7 +392,7 @@ class Pipeline:
         dtype = next(iter(self.model.parameters())).dtype
         results = []
         for batch in batches:
-            batch = pad_batch(batch, self.length)
+            batch = pad_batch(batch, self.length, pad_id=self.pad_id)
             shape = (batch["input_ids"].shape[0], self.length, self.model.config.hidden_size)
             activation = batch["input_ids"]
             for stage, view in views.items():
