@@ -28,7 +28,7 @@ import shutil
 
 import pytest
 import torch
-from distributed_launch import argv, assert_same_curve, curve, finish, gloo_available, start_ranks, torchrun_cli
+from distributed_launch import TOLERANCE, argv, assert_same_curve, curve, finish, gloo_available, start_ranks, torchrun_cli
 
 from stema.cli import main
 from stema.config import ConfigError, DPOConfig, KTOConfig, PPOConfig, SFTConfig, load_config
@@ -85,19 +85,29 @@ def assert_same_weights(gathered, single, initial):
     assert worst <= WEIGHT_SHARE * moved
 
 
+EVALUATION = ("data.eval=builtin", "data.builtin_eval_size=12", "trainer.eval_every=2")
+
+
 @pytest.fixture(scope="module")
 def sft_runs(untied_llama, tmp_path_factory):
-    """The same SFT run in 1 process and with 2 pipeline stages (1f1b, checkpoint at step 3)."""
+    """The same SFT run in 1 process and with 2 pipeline stages (1f1b, checkpoint at step 3,
+    evaluation at steps 2, 4 and the end)."""
     root = tmp_path_factory.mktemp("pipeline_sft")
-    assert main(argv("sft", root / "one", untied_llama, "trainer.save_every=3")) == 0
-    torchrun_cli(2, argv("sft", root / "pp2", untied_llama, "trainer.save_every=3", *pp()))
+    assert main(argv("sft", root / "one", untied_llama, "trainer.save_every=3", *EVALUATION)) == 0
+    torchrun_cli(2, argv("sft", root / "pp2", untied_llama, "trainer.save_every=3", *EVALUATION, *pp()))
     return root / "one", root / "pp2"
 
 
 def test_pipeline_sft_two_stages_equal_one_process_and_export_the_same_model(sft_runs, untied_llama):
+    """Also the evaluations (run through the stages without gradients): the same loss and perplexity
+    within the curve's tolerance."""
     one, two = sft_runs
     assert_same_curve(curve(two), curve(one))
     assert_same_weights(exported(two / "hf"), exported(one / "hf"), exported(untied_llama))
+    evaluations = [[(record["step"], record["loss"], record["perplexity"]) for record in read_metrics(out, "eval")] for out in (one, two)]
+    assert [step for step, _, _ in evaluations[0]] == [2, 4, 5]
+    for (step, loss_1, perplexity_1), (_, loss_2, perplexity_2) in zip(*evaluations):
+        assert abs(loss_2 - loss_1) <= TOLERANCE and abs(perplexity_2 - perplexity_1) <= TOLERANCE * perplexity_1, step
 
 
 def test_pipeline_sft_interleaved_stages_with_tensor_parallel_equal_one_process(sft_runs, untied_llama, tmp_path):

@@ -128,7 +128,7 @@ def _model_config(model_cfg: Any):
 
 def check_pipeline_config(config: Any, *, command: str, world_size: int | None = None) -> None:
     """ConfigError naming the keys when `distributed.pp_size > 1` cannot run: a split that does not
-    divide the world or the batch, a command, LoRA, packing, evaluation data or a model family
+    divide the world or the batch, a command, LoRA, packing or a model family
     without a seam, tied embeddings, too few layers for the stages. Reads only the config and the
     model's config.json: call it before any process-group work."""
     dist_cfg = config.distributed
@@ -149,16 +149,13 @@ def check_pipeline_config(config: Any, *, command: str, world_size: int | None =
 
 
 def _check_pipeline_settings(config: Any) -> None:
-    """What the stages cannot carry: LoRA, packing, evaluation, a live DPO reference."""
+    """What the stages cannot carry: LoRA, packing, a live DPO reference."""
     pp = config.distributed.pp_size
     if config.model.lora.enabled:
         raise ConfigError(f"model.lora: LoRA is not supported with pipeline parallel (distributed.pp_size={pp}); use pp_size 1")
     if config.data.packing:
         raise ConfigError(f"data.packing: packed rows need their own attention masks, which pipeline stages do not pass on "
                           f"(distributed.pp_size={pp}); turn packing off")
-    if config.data.eval:
-        raise ConfigError(f"data.eval: evaluation does not run through pipeline stages (distributed.pp_size={pp}); "
-                          "evaluate the exported model instead")
     preference = getattr(config, "preference", None)
     if preference is not None and preference.loss != "simpo" and not preference.precompute_ref_logprobs:
         raise ConfigError(f"preference.precompute_ref_logprobs: with distributed.pp_size={pp} the reference log-probs are "
@@ -379,10 +376,10 @@ class Pipeline:
 
     @torch.no_grad()
     def forward_only(self, batches: list[dict[str, torch.Tensor]], *, output_of: Callable) -> list[Any]:
-        """`output_of(logits, batch)` (a tensor) of each batch (on the device), run through the
-        stages one micro-batch after the other without gradients (point-to-point sends over the
-        pipeline group); the last stage broadcasts the results (on the CPU) to its pipeline group.
-        Used for reference log-probs."""
+        """`output_of(logits, batch)` of each batch (on the device), run through the stages one
+        micro-batch after the other without gradients (point-to-point sends over the pipeline
+        group); the last stage broadcasts the results (which must pickle: CPU tensors, floats) to
+        its pipeline group. Used for reference log-probs and evaluation."""
         import torch.distributed as dist
 
         group = self.world.mesh["pp"].get_group()
@@ -404,7 +401,7 @@ class Pipeline:
                 if stage < last and following != self.world.rank:
                     dist.send(activation.contiguous(), dst=following, group=group)
             if self.is_last:
-                results.append(output_of(activation, batch).cpu())
+                results.append(output_of(activation, batch))
         holder = [results if self.is_last else None]
         dist.broadcast_object_list(holder, src=ranks[-1], group=group)
         return holder[0]

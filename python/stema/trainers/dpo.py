@@ -70,7 +70,8 @@ def precompute_reference_logprobs(
     with autocast():
         if is_pipelined(reference.model):
             logps = reference.model.pipeline.forward_only(
-                batches, output_of=lambda logits, batch: sequence_logprobs(*logits_token_logprobs(logits, batch), average=average)
+                batches,
+                output_of=lambda logits, batch: sequence_logprobs(*logits_token_logprobs(logits, batch), average=average).cpu(),
             )
         else:
             logps = [sequence_logprobs(*reference.token_logprobs(batch), average=average) for batch in batches]  # [2B] each

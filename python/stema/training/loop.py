@@ -95,15 +95,27 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def evaluate_sums(model: torch.nn.Module, algorithm: Algorithm, examples: Sequence[Any], *, micro_batch_size: int) -> dict[str, float]:
     """Loss and metrics of `examples` taken as ONE global batch: each micro-batch is scored with the
     whole set's denominators and the results are summed (the losses' convention), so the values
-    are exact means over the set. Call under no_grad (run_evaluation does)."""
+    are exact means over the set. Call under no_grad (run_evaluation does). A model on pipeline
+    stages scores the micro-batches through its stages (`Pipeline.forward_only`; every rank
+    gets the sums)."""
     device = next(model.parameters()).device
     denominators = algorithm.denominators(examples)
+    batches = [to_device(algorithm.collate(examples[start : start + micro_batch_size]), device)
+               for start in range(0, len(examples), micro_batch_size)]
+
+    def scored(loss, metrics) -> dict[str, float]:
+        return {key: float(value) for key, value in {"loss": loss, **metrics}.items()}
+
+    if is_pipelined(model):
+        scores = model.pipeline.forward_only(
+            batches, output_of=lambda logits, batch: scored(*algorithm.loss_from_logits(logits, batch, denominators))
+        )
+    else:
+        scores = [scored(*algorithm.loss(model, batch, denominators)) for batch in batches]
     totals: dict[str, float] = {}
-    for start in range(0, len(examples), micro_batch_size):
-        batch = to_device(algorithm.collate(examples[start : start + micro_batch_size]), device)
-        loss, metrics = algorithm.loss(model, batch, denominators)
-        for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
+    for batch_scores in scores:
+        for key, value in batch_scores.items():
+            totals[key] = totals.get(key, 0.0) + value
     return totals
 
 
