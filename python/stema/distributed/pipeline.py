@@ -136,9 +136,9 @@ def check_pipeline_config(config: Any, *, command: str, world_size: int | None =
         return
     pp = dist_cfg.pp_size
     if command not in PIPELINE_COMMANDS:
-        roles = " and its actor/critic role groups (roles.actor_workers, roles.critic_workers)" if command in ("ppo", "grpo") else ""
-        raise ConfigError(f"distributed.pp_size={pp}: stema {command}{roles} does not run pipeline stages (supported: "
-                          f"{', '.join(PIPELINE_COMMANDS)}); use pp_size 1")
+        roles = ", neither in its controller nor in its actor and critic role groups (roles.actor_workers, roles.critic_workers)"
+        raise ConfigError(f"distributed.pp_size={pp}: stema {command} does not run pipeline stages"
+                          f"{roles if command in ('ppo', 'grpo') else ''} (supported: {', '.join(PIPELINE_COMMANDS)}); use pp_size 1")
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if world_size % (pp * dist_cfg.tp_size):
         raise ConfigError(f"distributed.pp_size={pp} x distributed.tp_size={dist_cfg.tp_size} must divide the world size "
