@@ -277,7 +277,7 @@ class RolesConfig:
 
 @dataclass
 class DistributedConfig:
-    """Data parallel (FSDP2) and tensor parallel under `torchrun`; a single process ignores it."""
+    """Data parallel (FSDP2), tensor parallel and pipeline parallel under `torchrun`; a single process ignores it (pp_size > 1 needs pp_size processes or more)."""
 
     strategy: Literal["fsdp", "none"] = option(
         "fsdp", "'fsdp': shard weights, gradients and optimizer state over the data-parallel ranks (FSDP2) when "
@@ -287,7 +287,20 @@ class DistributedConfig:
         "none", "FSDP2 mixed precision: 'bf16' computes in bf16 copies of the fp32 weights and reduces gradients in fp32."
     )
     cpu_offload: bool = option(False, "Keep the sharded weights, gradients and optimizer state in CPU memory (FSDP2 CPU offload).")
-    tp_size: int = option(1, "Tensor-parallel ranks per model replica (Llama, Qwen2); data-parallel ranks = world size / tp_size.")
+    tp_size: int = option(1, "Tensor-parallel ranks per model replica (Llama, Qwen2); data-parallel ranks = world size / (tp_size x pp_size).")
+    pp_size: int = option(
+        1, "Pipeline stages (Llama, Qwen2, Mistral with untied embeddings): each stage a run of consecutive decoder layers on "
+        "its own ranks, the embedding on the first, norm and head on the last; must divide the world size / tp_size."
+    )
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = option(
+        "1f1b", "Pipeline schedule (torch.distributed.pipelining): gpipe (all forwards, then all backwards), 1f1b (one "
+        "forward one backward: fewer live activations), interleaved_1f1b (2 stages per rank: a smaller bubble; needs "
+        "2 x pp_size to divide the decoder layers and pp_microbatches to be a multiple of pp_size)."
+    )
+    pp_microbatches: int = option(
+        0, "Pipeline micro-batches per optimizer step on each data-parallel rank (0: the rank's share of "
+        "trainer.global_batch_size / trainer.micro_batch_size); each holds (share / pp_microbatches) examples."
+    )
     timeout_s: float = option(600.0, "Seconds a collective may wait for the other ranks before the run stops with an error naming the rank.")
 
 
@@ -719,8 +732,10 @@ def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -
             raise ConfigError(f"{prefix}micro_batch_size must be >= 1, got {config.micro_batch_size}")
     if isinstance(config, PPOConfig):
         _validate_ppo(config)
-    if isinstance(config, DistributedConfig) and (config.tp_size < 1 or config.timeout_s <= 0):
-        raise ConfigError(f"{prefix}tp_size must be >= 1 and timeout_s > 0 (got {config.tp_size}, {config.timeout_s})")
+    if isinstance(config, DistributedConfig) and (config.tp_size < 1 or config.pp_size < 1 or config.pp_microbatches < 0
+                                                  or config.timeout_s <= 0):
+        raise ConfigError(f"{prefix}tp_size and pp_size must be >= 1, pp_microbatches >= 0 and timeout_s > 0 (got "
+                          f"{config.tp_size}, {config.pp_size}, {config.pp_microbatches}, {config.timeout_s})")
     if isinstance(config, KTOLossConfig) and config.beta <= 0:
         raise ConfigError(f"{prefix}beta must be > 0, got {config.beta}")
     if isinstance(config, SteerConfig) and config.min_value > config.max_value:

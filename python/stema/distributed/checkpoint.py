@@ -15,7 +15,7 @@ import contextlib
 import copy
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -40,9 +40,12 @@ def _single_process_quiet() -> Iterator[None]:
 
 
 def _options(**kwargs):
+    """Trainable weights only; the optimizer state flattened to one entry per parameter name
+    (`state.<name>.exp_avg`, `param_groups.<name>.lr`), so that pipeline ranks holding different
+    parameters write disjoint keys and a checkpoint loads at any (dp, tp, pp) layout."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True, **kwargs)
+    return StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, **kwargs)
 
 
 def save_model_optimizer(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -108,18 +111,32 @@ def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from .pipeline import is_pipelined
+
+    if is_pipelined(model):
+        full = model.pipeline.gathered_state_dict()
+        if full is None:
+            return None
+        with torch.device("meta"):
+            replica = model.causal_lm_class(model.config)
+        return _filled(replica, full, generation_config=model.generation_config)
     if not is_sharded(model):
         raise ValueError("unsharded_copy expects a model sharded by parallelize")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    replica = _empty_copy(model)
+    return _filled(_empty_copy(model), full, generation_config=getattr(model, "generation_config", None))
+
+
+def _filled(replica: torch.nn.Module, full: dict[str, torch.Tensor], *, generation_config: Any) -> torch.nn.Module:
+    """`replica` (built on the meta device) holding the gathered `full` state dict on the CPU, its
+    non-persistent buffers rebuilt; a causal LM keeps `generation_config` (a classifier has none)."""
     result = replica.load_state_dict(full, strict=False, assign=True)
     replica.tie_weights()
     missing = [name for name in result.missing_keys if any(t.is_meta for n, t in replica.named_parameters() if n == name)]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"the gathered state does not fit {type(replica).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     restore_non_persistent_buffers(replica, torch.device("cpu"))
-    if getattr(model, "generation_config", None) is not None:  # a causal LM's (a classifier has none)
-        unwrap_lora(replica).generation_config = model.generation_config
+    if generation_config is not None:
+        unwrap_lora(replica).generation_config = generation_config
     return replica.eval()

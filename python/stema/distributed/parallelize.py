@@ -42,12 +42,15 @@ def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers of a Hugging Face model, in order (`layers` or GPT-2's `h`)."""
+    """The decoder layers of a Hugging Face model, in order (`layers` or GPT-2's `h`; a pipeline
+    stage's ModuleDict of its layers by index)."""
     backbone = backbone_of(model)
     for name in ("layers", "h"):
         layers = getattr(backbone, name, None)
         if isinstance(layers, torch.nn.ModuleList):
             return list(layers)
+        if isinstance(layers, torch.nn.ModuleDict):
+            return list(layers.values())
     raise ValueError(f"{type(backbone).__name__} has no 'layers' or 'h' list of decoder layers to shard")
 
 
@@ -67,7 +70,10 @@ def tensor_parallel_plan(model: torch.nn.Module) -> dict[str, Any]:
             f"not {family!r}; use tp_size 1 (FSDP only)"
         )
     names = {module: name for name, module in hf_model.named_modules()}
-    plan: dict[str, Any] = {names[backbone_of(hf_model).embed_tokens]: RowwiseParallel(input_layouts=Replicate())}
+    plan: dict[str, Any] = {}
+    embedding = backbone_of(hf_model).embed_tokens  # None on a pipeline stage after the first
+    if embedding is not None:
+        plan[names[embedding]] = RowwiseParallel(input_layouts=Replicate())
     for layer in decoder_layers(hf_model):
         prefix = names[layer]
         for projection in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
@@ -86,9 +92,8 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh: Any) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
     hf_model = unwrap_lora(model)
-    tied = hf_model.get_output_embeddings() is not None and (
-        hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight
-    )
+    head, embedding = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
     num_heads, num_kv_heads = hf_model.config.num_attention_heads, hf_model.config.num_key_value_heads
     if num_heads % tp_mesh.size() or num_kv_heads % tp_mesh.size():
         raise ValueError(
@@ -134,30 +139,14 @@ def parallelize(
        rank 0;
     4. nothing may be left on the meta device.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"])
-    policy = MixedPrecisionPolicy()
-    if mixed_precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    elif mixed_precision != "none":
-        raise ValueError(f"distributed.mixed_precision: expected 'none' or 'bf16', got {mixed_precision!r}")
-    options = dict(mesh=mesh["dp"], mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
-    for layer in decoder_layers(model):
-        fully_shard(layer, **options)
     hf_model = unwrap_lora(model)
-    if hf_model is not model:
-        # A peft model: its Hugging Face model (embedding, final norm, head) is a group of its own
-        # under the wrapper, so code that looks through the wrapper sees a sharded model (and runs
-        # the model's own forward, the one that gathers those weights).
-        fully_shard(hf_model, **options)
-    fully_shard(model, **options)
-    for module in model.modules():
-        if is_sharded(module):
-            module.set_gradient_divide_factor(1.0)
-            # Plain SUM reductions (gloo has no pre-multiplied sum; NCCL then copies less).
-            module.set_force_sum_reduction_for_comms(True)
+    # A peft model: its Hugging Face model (embedding, final norm, head) is a group of its own
+    # under the wrapper, so code that looks through the wrapper sees a sharded model (and runs
+    # the model's own forward, the one that gathers those weights).
+    roots = [model] if hf_model is model else [hf_model, model]
+    shard_with_fsdp(model, mesh=mesh, roots=roots, mixed_precision=mixed_precision, cpu_offload=cpu_offload)
 
     on_meta = any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
     if on_meta:
@@ -175,6 +164,31 @@ def parallelize(
     if left:
         raise RuntimeError(f"parallelize: {len(left)} tensors are still on the meta device after loading (first: {left[:3]})")
     return model
+
+
+def shard_with_fsdp(model: torch.nn.Module, *, mesh: Any, roots: list[torch.nn.Module], mixed_precision: str,
+                    cpu_offload: bool) -> None:
+    """`fully_shard` each decoder layer of `model`, then each of `roots` in order (the modules
+    whose forward runs the rest: the model itself, or a pipeline rank's stages), on mesh["dp"]
+    with `mixed_precision` ('bf16': bf16 compute copies, fp32 gradient reduction) and
+    `cpu_offload`; gradients summed over the data-parallel ranks, not averaged."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    elif mixed_precision != "none":
+        raise ValueError(f"distributed.mixed_precision: expected 'none' or 'bf16', got {mixed_precision!r}")
+    options = dict(mesh=mesh["dp"], mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    for root in roots:
+        fully_shard(root, **options)
+    for module in [*model.modules(), *roots]:
+        if is_sharded(module):
+            module.set_gradient_divide_factor(1.0)
+            # Plain SUM reductions (gloo has no pre-multiplied sum; NCCL then copies less).
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
@@ -195,17 +209,19 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float, *, pipeline_group: Any = None) -> float:
     """Scale the gradients of `parameters` so that their global L2 norm is at most `max_norm`;
     returns the norm before clipping (of the whole model, gathered over the ranks).
 
     Plain tensors go to `torch.nn.utils.clip_grad_norm_`. Sharded gradients may live on different
     meshes (tensor-parallel weights on ("dp", "tp"), replicated norms on "dp" only), which one
-    DTensor reduction cannot mix: the norm is taken per mesh, gathered, and combined."""
+    DTensor reduction cannot mix: the norm is taken per mesh, gathered, and combined. With a
+    `pipeline_group` (each rank holding some stages' parameters) the squared norms are also
+    summed over the pipeline stages."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not any(isinstance(grad, DTensor) for grad in grads):
+    if pipeline_group is None and not any(isinstance(grad, DTensor) for grad in grads):
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
     by_mesh: dict[Any, list[torch.Tensor]] = {}
     for grad in grads:
@@ -214,6 +230,12 @@ def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> fl
     for group in by_mesh.values():
         norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
         squares += float(norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+    if pipeline_group is not None:
+        import torch.distributed as dist
+
+        summed = torch.tensor([squares], dtype=torch.float64, device=grads[0].device if grads else "cpu")
+        dist.all_reduce(summed, group=pipeline_group)
+        squares = float(summed)
     total = squares**0.5
     scale = min(1.0, max_norm / (total + 1e-6))
     for grad in grads:

@@ -8,7 +8,10 @@
 
 Backends: NCCL when CUDA is available, gloo on the CPU. Ranks form a 2-D device mesh
 `("dp", "tp")`: `tp_size` consecutive ranks hold one tensor-parallel replica; the data-parallel
-group of a rank is the ranks with its tp coordinate.
+group of a rank is the ranks with its tp coordinate. With pipeline stages (`pp_size > 1`) the mesh
+is `("pp", "dp", "tp")`: the first world_size / pp_size ranks hold stage 0 (as a dp x tp grid),
+the next ones stage 1, and so on; a rank's pipeline group is the ranks with its dp and tp
+coordinates.
 
 Failures. Every collective waits at most `timeout_s` (the process group's timeout). Each rank
 writes its progress (`mark(step)`) to the rendezvous store; when a collective fails or times out,
@@ -44,9 +47,10 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     tp_size: int = 1
+    pp_size: int = 1
     timeout_s: float = 600.0
     device: torch.device = torch.device("cpu")
-    mesh: Any = None  # DeviceMesh ("dp", "tp") when world_size > 1
+    mesh: Any = None  # DeviceMesh ("dp", "tp") when world_size > 1; ("pp", "dp", "tp") when pp_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -59,14 +63,25 @@ class World:
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tp_size
+        return self.world_size // (self.tp_size * self.pp_size)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp_size
+        return (self.rank // self.tp_size) % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's place in its pipeline group (its stage, or its first stage when interleaved)."""
+        return self.stage_of(self.rank)
+
+    def stage_of(self, rank: int) -> int:
+        return rank // (self.dp_size * self.tp_size)
+
+    def describe_rank(self, rank: int) -> str:
+        return f"rank {rank}" + (f" (pipeline stage {self.stage_of(rank)})" if self.pp_size > 1 else "")
 
     def describe(self) -> str:
-        return f"{self.role} rank {self.rank} of {self.world_size}"
+        return f"{self.role} {self.describe_rank(self.rank)} of {self.world_size}"
 
     def sum_over_data_parallel(self, values: dict[str, float]) -> dict[str, float]:
         """`values` summed over the data-parallel group (all ranks get the sums); the keys must be
@@ -77,6 +92,20 @@ class World:
         packed = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.mesh["dp"].get_group())
         return dict(zip(keys, packed.tolist()))
+
+    def sum_over_pipeline(self, values: dict[str, float]) -> dict[str, float]:
+        """`values` summed over this rank's pipeline group, key by key (a key missing on a rank
+        counts 0): the last stage's loss and metrics reach every stage. A world without pipeline
+        stages returns them as they are."""
+        if self.pp_size == 1:
+            return dict(values)
+        per_stage: list = [None] * self.pp_size
+        dist.all_gather_object(per_stage, values, group=self.mesh["pp"].get_group())
+        summed: dict[str, float] = {}
+        for stage_values in per_stage:
+            for key, value in stage_values.items():
+                summed[key] = summed.get(key, 0.0) + value
+        return summed
 
     def barrier(self) -> None:
         if self.distributed:
@@ -96,11 +125,21 @@ class World:
             found[rank] = int(store.get(key)) if store.check([key]) else None
         return found
 
+    def pipeline_peers(self) -> list[int]:
+        """The other ranks of this rank's pipeline group (the stages it exchanges activations with)."""
+        stride = self.dp_size * self.tp_size
+        return [self.rank % stride + stage * stride for stage in range(self.pp_size) if stage != self.pp_rank]
+
     def _laggards(self) -> str:
         try:
-            return _laggards_text(self.progress(), self.rank)
+            progress = self.progress()
         except Exception as error:  # the store may have gone with a dead rank
             return f"the other ranks' progress is unknown (store: {type(error).__name__})"
+        text = _laggards_text(progress, self.rank, name=self.describe_rank)
+        if self.pp_size > 1:
+            peers = ", ".join(f"{self.describe_rank(peer)}, last finished step {progress.get(peer)}" for peer in self.pipeline_peers())
+            text += f"; this stage waits on the stages of its pipeline: {peers}"
+        return text
 
     @contextlib.contextmanager
     def failures_named(self) -> Iterator[None]:
@@ -137,13 +176,13 @@ def _is_collective_failure(error: BaseException) -> bool:
     return any(marker in text for marker in ("gloo", "nccl", "timed out", "timeout", "connection closed", "connection reset"))
 
 
-def _laggards_text(progress: dict[int, int | None], rank: int) -> str:
-    """Which ranks fell behind this one, from their marked steps."""
+def _laggards_text(progress: dict[int, int | None], rank: int, *, name=lambda rank: f"rank {rank}") -> str:
+    """Which ranks fell behind this one, from their marked steps; `name(rank)` says who a rank is."""
     mine = progress.get(rank)
     if mine is None:
         return "no rank had finished a step" if all(step is None for step in progress.values()) else "this rank finished no step"
     behind = [
-        f"rank {other} ({'finished no step' if step is None else f'last finished step {step}'})"
+        f"{name(other)} ({'finished no step' if step is None else f'last finished step {step}'})"
         for other, step in progress.items()
         if other != rank and (step is None or step < mine)
     ]
@@ -157,16 +196,16 @@ def init_world(distributed_cfg: Any, *, role: str) -> World:
 
     One process (WORLD_SIZE unset or 1): no process group, device cuda if available else cpu.
     Several: `init_process_group` (NCCL on GPU, gloo on CPU) with `distributed_cfg.timeout_s`,
-    and the ("dp", "tp") device mesh. `role` names the process in errors ("sft", "actor", ...).
+    and the ("dp", "tp") device mesh, ("pp", "dp", "tp") with pipeline stages. `role` names the process in errors ("sft", "actor", ...).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world_size == 1:
         return World(role=role, timeout_s=distributed_cfg.timeout_s, device=torch.device("cuda" if cuda else "cpu"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    tp_size = distributed_cfg.tp_size
-    if world_size % tp_size:
-        raise ValueError(f"distributed.tp_size={tp_size} does not divide the world size {world_size}")
+    tp_size, pp_size = distributed_cfg.tp_size, getattr(distributed_cfg, "pp_size", 1)
+    if world_size % (tp_size * pp_size):
+        raise ValueError(f"distributed.tp_size={tp_size} x distributed.pp_size={pp_size} does not divide the world size {world_size}")
     if distributed_cfg.strategy == "none":
         raise ValueError(f"distributed.strategy=none runs in one process, but WORLD_SIZE is {world_size}: use strategy fsdp")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -180,9 +219,13 @@ def init_world(distributed_cfg: Any, *, role: str) -> World:
         )
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (world_size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    dp_size = world_size // (tp_size * pp_size)
+    if pp_size > 1:
+        mesh = init_device_mesh(device.type, (pp_size, dp_size, tp_size), mesh_dim_names=("pp", "dp", "tp"))
+    else:
+        mesh = init_device_mesh(device.type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
     return World(
-        role=role, rank=rank, world_size=world_size, local_rank=local_rank, tp_size=tp_size,
+        role=role, rank=rank, world_size=world_size, local_rank=local_rank, tp_size=tp_size, pp_size=pp_size,
         timeout_s=distributed_cfg.timeout_s, device=device, mesh=mesh,
     )
 

@@ -37,7 +37,8 @@ from stema.data import TokenizedPair, collate_pairs, load_preference_data
 from stema.losses import preference_loss, preference_loss_options, uses_reference
 from stema.models.loading import load_policy
 from stema.training import TrainResult
-from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
+from stema.distributed.pipeline import is_pipelined
+from stema.training.logprobs import ReferenceModel, completion_token_logprobs, logits_token_logprobs, sequence_logprobs
 from stema.training.loop import autocast_context, evaluate_sums, to_device
 from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 
@@ -61,15 +62,22 @@ def precompute_reference_logprobs(
     autocast: Callable,
 ) -> list[ReferencedPair]:
     """Each pair with the reference's sequence log-probs of its chosen and rejected completions,
-    from batched no-grad forward passes of `batch_size` pairs (`[2 * batch_size, T]` rows)."""
+    from batched no-grad forward passes of `batch_size` pairs (`[2 * batch_size, T]` rows); a
+    reference on pipeline stages runs them through its stages (every rank gets all the values)."""
     device = next(reference.model.parameters()).device
+    chunks = [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
+    batches = [to_device(collate_pairs(chunk, pad_id), device) for chunk in chunks]
+    with autocast():
+        if is_pipelined(reference.model):
+            logps = reference.model.pipeline.forward_only(
+                batches,
+                output_of=lambda logits, batch: sequence_logprobs(*logits_token_logprobs(logits, batch), average=average).cpu(),
+            )
+        else:
+            logps = [sequence_logprobs(*reference.token_logprobs(batch), average=average) for batch in batches]  # [2B] each
     referenced = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = to_device(collate_pairs(chunk, pad_id), device)
-        with autocast():
-            logps = sequence_logprobs(*reference.token_logprobs(batch), average=average)  # [2B]
-        chosen, rejected = logps.float().cpu().split(len(chunk))
+    for chunk, chunk_logps in zip(chunks, logps):
+        chosen, rejected = chunk_logps.float().cpu().split(len(chunk))
         referenced.extend(ReferencedPair(pair, float(c), float(r)) for pair, c, r in zip(chunk, chosen, rejected))
     return referenced
 
@@ -114,7 +122,13 @@ class DPOAlgorithm:
         return logps.chunk(2)
 
     def loss(self, model, batch, denominators):
-        token_logprobs, mask = completion_token_logprobs(model, batch)  # [2B, T]: chosen rows, then rejected
+        return self.loss_of_token_logprobs(*completion_token_logprobs(model, batch), batch, denominators)
+
+    def loss_from_logits(self, logits, batch, denominators):
+        return self.loss_of_token_logprobs(*logits_token_logprobs(logits, batch), batch, denominators)
+
+    def loss_of_token_logprobs(self, token_logprobs, mask, batch, denominators):
+        """The loss from the policy's token log-probs and mask `[2B, T]` (chosen rows, then rejected)."""
         policy_chosen, policy_rejected = sequence_logprobs(token_logprobs, mask, average=self.preference.average_logprobs).chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch)
         available = {

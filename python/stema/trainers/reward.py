@@ -36,6 +36,14 @@ def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     return reward_scores(model, batch["input_ids"], batch["attention_mask"])
 
 
+def pooled_rewards(scores: torch.Tensor, batch: dict[str, torch.Tensor], *, pad_id: int) -> torch.Tensor:
+    """Rewards `[N, k]` (fp32) from the head's scores at every position `[N, T, k]` (a pipeline's last
+    stage), read where the sequence classifier reads them: each row's rightmost non-pad token."""
+    positions = torch.arange(scores.shape[1], device=scores.device, dtype=torch.int32)
+    last = (positions * (batch["input_ids"] != pad_id).to(scores.device, torch.int32)).argmax(-1)  # [N]
+    return scores[torch.arange(scores.shape[0], device=scores.device), last].float()
+
+
 class PairwiseRewardAlgorithm:
     name = "rm"
 
@@ -56,7 +64,14 @@ class PairwiseRewardAlgorithm:
         return batch
 
     def loss(self, model, batch, denominators):
-        rewards = sequence_rewards(model, batch)[:, 0]  # [2B]: chosen rows first, then rejected
+        return self.loss_of_rewards(sequence_rewards(model, batch), batch, denominators)
+
+    def loss_from_logits(self, logits, batch, denominators):
+        return self.loss_of_rewards(pooled_rewards(logits, batch, pad_id=self.pad_id), batch, denominators)
+
+    def loss_of_rewards(self, rewards, batch, denominators):
+        """The loss from the rewards `[2B, 1]` of the micro-batch's chosen rows, then its rejected rows."""
+        rewards = rewards[:, 0]  # [2B]
         num_pairs = rewards.shape[0] // 2
         return self.loss_fn(
             rewards[:num_pairs],
@@ -89,6 +104,10 @@ class RegressionRewardAlgorithm:
 
     def loss(self, model, batch, denominators):
         return self.loss_fn(sequence_rewards(model, batch), batch["labels"], num_valid_labels=max(1, denominators["labels"]))
+
+    def loss_from_logits(self, logits, batch, denominators):
+        rewards = pooled_rewards(logits, batch, pad_id=self.pad_id)
+        return self.loss_fn(rewards, batch["labels"], num_valid_labels=max(1, denominators["labels"]))
 
     def num_tokens(self, batch):
         return int(batch["attention_mask"].sum())

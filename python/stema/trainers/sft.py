@@ -17,38 +17,24 @@ import math
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-import stema_kernels
 from stema.config import SFTConfig
 from stema.data import collate_packed, collate_sft, load_sft_data, pack_sft, packed_attention_for
 from stema.data.tokenize import TokenizedSFT
 from stema.losses import get_loss
 from stema.models.loading import load_policy
 from stema.training import TrainResult
+from stema.training.logprobs import IGNORE_INDEX, logits_token_logprobs
 from stema.training.loop import evaluate_sums
 from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 
-IGNORE_INDEX = -100
 
-
-def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
-    """labels `[B, T]` -> the label each position predicts, `[B, T]`: shifted left, -100 at the end.
-
-    Shifting the labels rather than slicing `logits[:, :-1]` lets the kernel read the logits in place.
-    """
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token log-probs `[B, T]`, loss mask `[B, T]`) of each sequence's labelled next tokens."""
+def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits `[B, T, V]` of a batch."""
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
     # No KV cache in training; packed rows also rely on it (transformers builds the per-example
     # mask from restarting position_ids only when there is no cache).
-    logits = model(**inputs, use_cache=False).logits  # [B, T, V]
-    targets = next_token_labels(batch["labels"])
-    logprobs = stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX)  # [B, T] fp32
-    return logprobs, targets != IGNORE_INDEX
+    return model(**inputs, use_cache=False).logits
 
 
 def count_loss_tokens(examples: Sequence[TokenizedSFT]) -> int:
@@ -77,7 +63,10 @@ class SFTAlgorithm:
         return collate_sft(examples, self.pad_id)
 
     def loss(self, model, batch, denominators):
-        logprobs, mask = sequence_logprobs(model, batch)
+        return self.loss_from_logits(model_logits(model, batch), batch, denominators)
+
+    def loss_from_logits(self, logits, batch, denominators):
+        logprobs, mask = logits_token_logprobs(logits, batch)  # [B, T] fp32, [B, T]
         return self.loss_fn(logprobs, mask, num_valid_tokens=max(1, denominators["tokens"]))
 
     def num_tokens(self, batch):

@@ -82,6 +82,8 @@ def completion_token_logprobs(
     parts = lm_head_parts(model)
     if parts is None:
         logits = model(**inputs, use_cache=False).logits  # [N, T, V]
+        if temperature == 1.0 and not return_entropy:
+            return logits_token_logprobs(logits, batch)
         outputs = stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX, **options)
         if not return_entropy:
             return outputs, mask
@@ -95,6 +97,14 @@ def completion_token_logprobs(
         return _scatter_to(mask, outputs), mask
     logprobs, entropy = outputs
     return _scatter_to(mask, logprobs), mask, _scatter_to(mask, entropy)
+
+
+def logits_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs `[N, T]` fp32, 0 where unlabelled; mask `[N, T]`) from a model's logits
+    `[N, T, V]` computed elsewhere (a pipeline's last stage): what `completion_token_logprobs`
+    returns from the model's full forward."""
+    targets = next_token_labels(batch["labels"])  # [N, T]
+    return stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX), targets != IGNORE_INDEX
 
 
 def _scatter_to(mask: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

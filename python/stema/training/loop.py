@@ -6,7 +6,9 @@ Each optimizer step:
 3. take this data-parallel rank's contiguous slice of the batch and split it into micro-batches;
    for each, collate, compute `(loss, metrics)` with the global denominators, and backpropagate;
    the gradients are summed over ranks (`stema.distributed.parallelize`), so losses, metrics and
-   gradients add up to exactly the full-batch values at any world size;
+   gradients add up to exactly the full-batch values at any world size; with pipeline stages
+   (`stema.distributed.pipeline`) the micro-batches go through the schedule together and the
+   last stage computes each one's loss from its logits (`Algorithm.loss_from_logits`);
 4. clip the gradient norm, step AdamW and the lr schedule;
 5. sum the metrics over ranks; rank 0 logs (JSONL, TensorBoard, progress bar); evaluate and
    checkpoint on their schedules.
@@ -33,6 +35,7 @@ from stema.config import OptimConfig, TrainerConfig
 from stema.distributed import World
 from stema.distributed.checkpoint import load_model_optimizer, save_model_optimizer
 from stema.distributed.parallelize import clip_grad_norm_, reshard, set_gradient_sync
+from stema.distributed.pipeline import is_pipelined
 from stema.models.loading import eval_mode
 
 from . import checkpoint
@@ -43,7 +46,11 @@ from .sampler import EpochSampler
 
 
 class Algorithm(Protocol):
-    """What a trainer plugs into the loop (one per algorithm: SFT, reward model, DPO, ...)."""
+    """What a trainer plugs into the loop (one per algorithm: SFT, reward model, DPO, ...).
+
+    An algorithm that trains on pipeline stages also has `loss_from_logits(logits, batch,
+    denominators)`: the same `(loss, metrics)` as `loss`, from the model's logits `[N, T, V]`
+    (the last stage's output)."""
 
     name: str
 
@@ -92,15 +99,27 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def evaluate_sums(model: torch.nn.Module, algorithm: Algorithm, examples: Sequence[Any], *, micro_batch_size: int) -> dict[str, float]:
     """Loss and metrics of `examples` taken as ONE global batch: each micro-batch is scored with the
     whole set's denominators and the results are summed (the losses' convention), so the values
-    are exact means over the set. Call under no_grad (run_evaluation does)."""
+    are exact means over the set. Call under no_grad (run_evaluation does). A model on pipeline
+    stages scores the micro-batches through its stages (`Pipeline.forward_only`; every rank
+    gets the sums)."""
     device = next(model.parameters()).device
     denominators = algorithm.denominators(examples)
+    batches = [to_device(algorithm.collate(examples[start : start + micro_batch_size]), device)
+               for start in range(0, len(examples), micro_batch_size)]
+
+    def scored(loss, metrics) -> dict[str, float]:
+        return {key: float(value) for key, value in {"loss": loss, **metrics}.items()}
+
+    if is_pipelined(model):
+        scores = model.pipeline.forward_only(
+            batches, output_of=lambda logits, batch: scored(*algorithm.loss_from_logits(logits, batch, denominators))
+        )
+    else:
+        scores = [scored(*algorithm.loss(model, batch, denominators)) for batch in batches]
     totals: dict[str, float] = {}
-    for start in range(0, len(examples), micro_batch_size):
-        batch = to_device(algorithm.collate(examples[start : start + micro_batch_size]), device)
-        loss, metrics = algorithm.loss(model, batch, denominators)
-        for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
+    for batch_scores in scores:
+        for key, value in batch_scores.items():
+            totals[key] = totals.get(key, 0.0) + value
     return totals
 
 
@@ -131,6 +150,22 @@ def resume_point(checkpoint_root: Path, settings: dict, *, resume: bool) -> tupl
     return step, checkpoint.read_state(folder)
 
 
+def accumulate_gradients(model: torch.nn.Module, algorithm: Algorithm, batches: list[dict[str, Any]],
+                         denominators: dict[str, int], *, context: Callable) -> dict[str, float]:
+    """Forward and backward of each micro-batch in turn, gradients accumulated (reduced over the
+    data-parallel ranks in the last backward only); the summed loss and metrics."""
+    totals: dict[str, float] = {}
+    for index, batch in enumerate(batches):
+        set_gradient_sync(model, index == len(batches) - 1)
+        with context():
+            loss, metrics = algorithm.loss(model, batch, denominators)
+        loss.backward()
+        totals["loss"] = totals.get("loss", 0.0) + loss.item()
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
 def train(
     *,
     model: torch.nn.Module,
@@ -159,7 +194,8 @@ def train(
             f"nothing to train: {len(train_examples)} examples give no full global batch of "
             f"{trainer_cfg.global_batch_size} (set trainer.max_steps or add data)"
         )
-    if trainer_cfg.global_batch_size % (trainer_cfg.micro_batch_size * world.dp_size):
+    pipeline = model.pipeline if is_pipelined(model) else None
+    if pipeline is None and trainer_cfg.global_batch_size % (trainer_cfg.micro_batch_size * world.dp_size):
         raise ValueError(
             f"trainer.global_batch_size ({trainer_cfg.global_batch_size}) must be a multiple of trainer.micro_batch_size "
             f"({trainer_cfg.micro_batch_size}) x data-parallel ranks ({world.dp_size})"
@@ -211,7 +247,7 @@ def train(
         truncate_metrics(output_dir, step, final=step >= steps)
     logger = MetricsLogger(output_dir, tensorboard=trainer_cfg.tensorboard, resumed_step=step) if world.is_main else None
     bar = progress_bar(steps, step, enabled=trainer_cfg.progress_bar and world.is_main, description=algorithm.name)
-    micro_size = trainer_cfg.micro_batch_size
+    micro_size = per_rank // pipeline.microbatches if pipeline is not None else trainer_cfg.micro_batch_size
     model.train()
     try:
         while step < steps:
@@ -219,21 +255,22 @@ def train(
             examples = [train_examples[index] for index in sampler.next_batch()]
             denominators = algorithm.denominators(examples)
             mine = examples[world.dp_rank * per_rank : (world.dp_rank + 1) * per_rank]
-            totals: dict[str, float] = {}
-            tokens = 0
-            for start in range(0, len(mine), micro_size):
-                set_gradient_sync(model, start + micro_size >= len(mine))
-                batch = to_device(algorithm.collate(mine[start : start + micro_size]), device)
-                with autocast_context(trainer_cfg, device):
-                    loss, metrics = algorithm.loss(model, batch, denominators)
-                loss.backward()
-                tokens += algorithm.num_tokens(batch)
-                totals["loss"] = totals.get("loss", 0.0) + loss.item()
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
+            batches = [to_device(algorithm.collate(mine[start : start + micro_size]), device)
+                       for start in range(0, len(mine), micro_size)]
+            if pipeline is None:
+                totals = accumulate_gradients(model, algorithm, batches, denominators,
+                                              context=lambda: autocast_context(trainer_cfg, device))
+            else:
+                totals = world.sum_over_pipeline(pipeline.train_step(
+                    batches, loss_of=lambda logits, batch: algorithm.loss_from_logits(logits, batch, denominators),
+                    context=autocast_context(trainer_cfg, device),
+                ))
+            tokens = sum(algorithm.num_tokens(batch) for batch in batches)
             totals = world.sum_over_data_parallel({**totals, "tokens": tokens})
             if optim_cfg.max_grad_norm > 0:
-                totals["grad_norm"] = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg.max_grad_norm)
+                pipeline_group = world.mesh["pp"].get_group() if pipeline is not None else None
+                totals["grad_norm"] = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg.max_grad_norm,
+                                                      pipeline_group=pipeline_group)
             totals["lr"] = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

@@ -75,8 +75,12 @@ def start_run(config: Any, *, command: str, data_kind: str | None = None) -> Run
     that the model folders are complete and that every record of the data (read as `data_kind`,
     `stema.data.formats.Kind`; None: not checked here) parses; then create the output folder
     (moving an old one aside under `trainer.overwrite`), save the resolved config beside the
-    results (rank 0), seed, pick the device. Errors are ConfigError, DataError or RunFolderError."""
+    results (rank 0), seed, pick the device. The pipeline settings are checked first, before any
+    process group. Errors are ConfigError, DataError or RunFolderError."""
+    from stema.distributed.pipeline import check_pipeline_config
     from stema.models.loading import check_model_folders
+
+    check_pipeline_config(config, command=command)
 
     world = init_world(config.distributed, role=command)
     trainer_cfg = config.trainer
@@ -106,7 +110,8 @@ def start_run(config: Any, *, command: str, data_kind: str | None = None) -> Run
         write_file(output_dir / "config.yaml", to_yaml(config))
     world.barrier()
     seed_everything(trainer_cfg.seed)
-    where = f", {world.world_size} processes ({world.dp_size} data x {world.tp_size} tensor parallel)" if world.distributed else ""
+    stages = f" x {world.pp_size} pipeline stages" if world.pp_size > 1 else ""
+    where = f", {world.world_size} processes ({world.dp_size} data x {world.tp_size} tensor parallel{stages})" if world.distributed else ""
     run.say(f"output in {output_dir}, device {world.device}{where}")
     if applied:
         run.say("settings changed since the checkpoint, applied on resume: " + "; ".join(applied))
@@ -143,8 +148,14 @@ def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Modul
     ranks share: the policy, a frozen reference): `distributed.role_model.place_on_world`, which
     places LoRA models too and refuses them with tensor parallel. (`rs` and `spin` refuse LoRA
     under several processes when they build their engine's refitter:
-    `distributed.role_model.engine_refitter`.)"""
+    `distributed.role_model.engine_refitter`.) With `distributed.pp_size > 1`, this rank's
+    pipeline stages of the model (`stema.distributed.pipeline.place_pipeline`)."""
     from stema.distributed.role_model import place_on_world
+
+    if run.world.pp_size > 1:
+        from stema.distributed.pipeline import place_pipeline
+
+        return place_pipeline(model, run.world, config)
 
     return place_on_world(model, run.world, config.distributed)
 
