@@ -23,9 +23,10 @@ import torch
 import stema.trainers.ppo as ppo_trainer
 from stema.cli import main
 from stema.config import ConfigError, DistributedConfig, PPOConfig, load_config
-from stema.distributed.role_model import BucketedRefitter, bucket_boundaries
+from stema.distributed.role_model import bucket_boundaries
 from stema.roles.groups import RowBlock, concat_rows, row_blocks, split_rows
 from stema.roles.handles import RoleError, start_role
+from stema.rollout import BucketedRefitter
 from stema.training.logging import read_metrics
 
 from run_folders import died_after
@@ -368,7 +369,7 @@ def test_two_rollout_workers_split_the_prompts_and_take_every_bucket_in_place(ra
     buffers."""
     from stema.distributed import World
     from stema.models.loading import load_policy
-    from stema.roles.disaggregated import RemoteEngineRefitter, RolloutWorker, engine_receivers, start_rollout_role
+    from stema.roles.disaggregated import RolloutWorker, engine_receivers, remote_refitter, start_rollout_role
     from stema.rollout import GenerationEngine
 
     config = load_config(PPOConfig, None, [f"trainer.output_dir={tmp_path}", *PPO, *DISAGGREGATED, "roles.rollout_workers=2"])
@@ -389,8 +390,8 @@ def test_two_rollout_workers_split_the_prompts_and_take_every_bucket_in_place(ra
             return [ray.get(member.call.remote(method, (), {})) for member in rollout.members]
 
         before = on_each_worker(RolloutWorker.engine_buffer_addresses)
-        refitter = RemoteEngineRefitter(policy, engine_receivers(rollout, timeout_s=60), bucket_bytes=4096,
-                                        world=World(role="actor"))
+        refitter = remote_refitter(policy, engine_receivers(rollout, timeout_s=60), bucket_bytes=4096,
+                                   world=World(role="actor"))
         refitter.refit()
         assert refitter.sent_buckets == len(refitter.weights.buckets) > 1
         expected = GenerationEngine.from_hf(policy, max_batch=1, max_total_len=8).weights.buffers()

@@ -12,7 +12,7 @@ dropped once they hold its weights): no trainer model, no optimizer. Its KV cach
 nothing else uses its device. Several rollout workers split the prompts by rows (`split_rows`);
 inside one worker the kernel `Scheduler` balances its engines.
 
-Refit (`RemoteEngineRefitter`, run by every rank of the actor): the actor's weights are gathered
+Refit (`remote_refitter`, a `stema.rollout.RemoteRefitter` run by every rank of the actor): the actor's weights are gathered
 whole a bucket at a time (`WeightBuckets`, `roles.refit_bucket_mb`); rank 0 hands each bucket to
 `send_bucket` and waits until every rollout worker has copied it into its engines with the
 `refit_` kernel (`RolloutWorker.load_bucket`: in place, into buffers whose addresses never change,
@@ -145,23 +145,15 @@ def engine_receivers(rollout: RayGroupHandle, *, timeout_s: float) -> EngineRece
                            timeout_s=timeout_s)
 
 
-class RemoteEngineRefitter:
-    """The actor side of the disaggregated refit (module docstring): `refit()` on every rank of the
-    actor gathers the weights bucket by bucket; rank 0 sends each to the rollout workers and waits
-    for them before the next. `model` may be FSDP2-sharded or plain (one actor worker)."""
+def remote_refitter(model: torch.nn.Module, receivers: EngineReceivers, *, bucket_bytes: int, world):
+    """The actor side of the disaggregated refit (module docstring): a `stema.rollout.RemoteRefitter`
+    whose `refit()`, on every rank of the actor, gathers the weights bucket by bucket; rank 0 sends
+    each to the rollout workers (`send_bucket`) and waits for them before the next. `model` may be
+    FSDP2-sharded or plain (one actor worker)."""
+    from stema.rollout.remote import RemoteRefitter
 
-    def __init__(self, model: torch.nn.Module, receivers: EngineReceivers, *, bucket_bytes: int, world):
-        from stema.distributed.role_model import WeightBuckets
+    def send_and_wait(bucket: dict[str, torch.Tensor]) -> None:
+        calls = send_bucket(bucket, receivers.members)
+        GroupFuture("rollout", "load_bucket", calls, rank_zero, timeout_s=receivers.timeout_s).result()
 
-        self.receivers = receivers
-        self.world = world
-        self.weights = WeightBuckets(model, receivers.layout, bucket_bytes=bucket_bytes)
-        self.sent_buckets = 0
-
-    def refit(self) -> None:
-        for start, stop, tensors in self.weights.gathered():
-            if self.world.rank != 0:
-                continue
-            calls = send_bucket(dict(zip(self.weights.names[start:stop], tensors)), self.receivers.members)
-            GroupFuture("rollout", "load_bucket", calls, rank_zero, timeout_s=self.receivers.timeout_s).result()
-            self.sent_buckets += 1
+    return RemoteRefitter(model, receivers.layout, send=send_and_wait, bucket_bytes=bucket_bytes, world=world)

@@ -46,9 +46,6 @@ from .colocation import kv_cache_held, release_kv_cache
 from .experience import model_inputs
 from .groups import RowBlock, concat_rows, rank_zero, row_blocks, split_rows
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def role_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -76,41 +73,21 @@ def merge_generations(results: list[GenerationResult]) -> GenerationResult:
     )
 
 
-def build_engines(model: torch.nn.Module, config: PPOConfig) -> list:
-    """`rollout.num_engines` `GenerationEngine`s holding copies of `model`'s weights, in
-    `rollout.engine_dtype`, sized for `rollout.max_batch` prompts of `data.max_length` tokens plus
-    `rollout.max_new_tokens`.
-
-    For a model family the engine does not serve (GPT-2, Gemma, Phi-3, ...): one `HFGenerator`
-    generating with `model` itself through transformers' `generate` (slower; its refit copies
-    nothing), where `check_generation_fallback` allows it."""
-    from stema.generation import build_generator
-    from stema.rollout import GenerationEngine, UnsupportedModelError
+def build_engines(model: torch.nn.Module, config: PPOConfig, *, world=None) -> list:
+    """`rollout.num_engines` generators of `rollout.backend` (`stema.rollout.build_generator`)
+    holding copies of `model`'s weights, in `rollout.engine_dtype`, sized for `rollout.max_batch`
+    prompts of `data.max_length` tokens plus `rollout.max_new_tokens`. A generator that uses the
+    live model (transformers' generate: the `hf` backend, or `stema`'s fallback for a family the
+    engine does not serve) needs one engine, which `stema.rollout.factory.check_ppo_generation`
+    checks before the roles start."""
+    from stema.rollout import build_generator
+    from stema.rollout.factory import engine_dtype
 
     rollout = config.rollout
-    dtype = None if rollout.engine_dtype == "auto" else _DTYPES[rollout.engine_dtype]
+    dtype = engine_dtype(rollout.engine_dtype)
     max_total_len = config.data.max_length + rollout.max_new_tokens
-    try:
-        return [GenerationEngine.from_hf(model, dtype=dtype, max_batch=rollout.max_batch, max_total_len=max_total_len)
-                for _ in range(rollout.num_engines)]
-    except UnsupportedModelError as unsupported:
-        check_generation_fallback(config, f"the rollout engine does not serve this model ({unsupported})")
-        return [build_generator(model, max_batch=rollout.max_batch, max_total_len=max_total_len)]
-
-
-def check_generation_fallback(config: PPOConfig, why: str) -> None:
-    """ConfigError naming the first setting that keeps the actor from generating with
-    transformers' `generate` on the policy itself (`why`: the engine's refusal): that needs the
-    colocated placement, one actor worker, one engine and the policy's own dtype."""
-    from stema.config import ConfigError
-
-    for field, value, needed in (("roles.placement", config.roles.placement, "colocated"),
-                                 ("roles.actor_workers", config.roles.actor_workers, 1),
-                                 ("rollout.num_engines", config.rollout.num_engines, 1),
-                                 ("rollout.engine_dtype", config.rollout.engine_dtype, "auto")):
-        if value != needed:
-            raise ConfigError(f"{field}: {why}, so the actor would generate with transformers' generate() on the "
-                              f"policy itself, which needs {field} {needed} (got {value})")
+    return [build_generator(model, rollout, world=world, max_batch=rollout.max_batch, max_total_len=max_total_len, dtype=dtype)
+            for _ in range(rollout.num_engines)]
 
 
 def generate_with_pool(pool, tokenizer: Any, config: PPOConfig, prompt_token_ids: Sequence[Sequence[int]], *, seed: int,
@@ -262,10 +239,9 @@ class ActorWorker:
 
     Placement disaggregated (`engine_receivers`, `stema.roles.disaggregated.EngineReceivers`): no
     engines here; `refit` gathers the weights bucket by bucket and sends each bucket to the rollout
-    workers (`RemoteEngineRefitter`), and generation is the rollout role's."""
+    workers (`remote_refitter`), and generation is the rollout role's."""
 
     def __init__(self, *, config: PPOConfig, cache_dir: str, total_steps: int, engine_receivers: Any = None):
-        from stema.distributed.role_model import engine_refitter
         from stema.models.loading import load_policy
         from stema.rollout import RolloutPool
         from stema.training.logprobs import ReferenceModel
@@ -278,15 +254,15 @@ class ActorWorker:
         model.to(self.device)
         bucket_bytes = int(config.roles.refit_bucket_mb * 2**20)
         # Built from the whole model, before it is sharded.
-        self.engines = [] if engine_receivers is not None else build_engines(model, config)
+        self.engines = [] if engine_receivers is not None else build_engines(model, config, world=self.world)
         release_kv_cache(self.engines)
         self.model = place_on_world(model, self.world, config.distributed)
         if engine_receivers is not None:
-            from .disaggregated import RemoteEngineRefitter
+            from .disaggregated import remote_refitter
 
-            self.refitters = [RemoteEngineRefitter(self.model, engine_receivers, bucket_bytes=bucket_bytes, world=self.world)]
+            self.refitters = [remote_refitter(self.model, engine_receivers, bucket_bytes=bucket_bytes, world=self.world)]
         else:  # in place (EngineRefitter), from the shards (BucketedRefitter), or nothing to copy (HFGenerator)
-            self.refitters = [engine_refitter(engine, self.model, world=self.world, bucket_bytes=bucket_bytes)
+            self.refitters = [engine.refitter(self.model, world=self.world, bucket_bytes=bucket_bytes)
                               for engine in self.engines]
         self.reference = ReferenceModel(self.model, adapters_disabled=True) if config.roles.reference == "lora" else None
         self.updater = _Updater(self.model, config.optim, total_steps=total_steps, max_grad_norm=config.optim.max_grad_norm,

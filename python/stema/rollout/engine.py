@@ -207,6 +207,13 @@ class GenerationEngine:
     def max_total_len(self) -> int:
         return self.cache.max_total_len
 
+    def refitter(self, model: torch.nn.Module, *, world=None, bucket_bytes: int = 256 << 20):
+        """The `Refitter` that copies `model`'s weights into this engine in place
+        (`stema.rollout.bucketed.engine_refitter`: from the shards when `world` has several ranks)."""
+        from .bucketed import engine_refitter
+
+        return engine_refitter(self, model, world=world, bucket_bytes=bucket_bytes)
+
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every buffer the engine allocated at construction (weights, KV cache, key mask)."""
         return {**self.weights.buffers(), "kv_cache": self.cache.tensor, "key_valid": self.cache.key_valid}

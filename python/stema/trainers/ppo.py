@@ -46,6 +46,7 @@ from stema.roles.experience import experience_tensors, model_inputs, place_score
 from stema.roles.handles import start_role
 from stema.roles.workers import ActorWorker, CriticWorker, ReferenceWorker, RewardWorker
 from stema.rollout import logprob_mismatch
+from stema.rollout.factory import check_ppo_generation
 from stema.training import checkpoint
 from stema.training.logging import MetricsLogger, progress_bar
 from stema.training.sampler import EpochSampler
@@ -356,21 +357,6 @@ class PPOController:
             self.run.say(f"exported the critic to {critic}")
 
 
-def check_policy_generation(config: PPOConfig, model_path) -> None:
-    """Before any role starts: a policy family the rollout engine does not serve is generated with
-    transformers' `generate` on the actor's policy, which some settings rule out (ConfigError
-    naming the setting; `stema.roles.workers.check_generation_fallback`)."""
-    import json
-
-    from stema.roles.workers import check_generation_fallback
-    from stema.rollout.architecture import SUPPORTED_MODEL_TYPES
-
-    model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        check_generation_fallback(config, f"the rollout engine does not serve {model_type!r} models "
-                                          f"(it serves {', '.join(SUPPORTED_MODEL_TYPES)})")
-
-
 def run(config: PPOConfig, *, command: str = "ppo") -> PPOResult:
     run_info = start_run(config, command=command)
     if run_info.world.distributed:
@@ -382,7 +368,7 @@ def run(config: PPOConfig, *, command: str = "ppo") -> PPOResult:
     from stema.models.loading import load_tokenizer
 
     model_path = resolve_model_path(config.model, cache_dir=run_info.cache_dir)
-    check_policy_generation(config, model_path)
+    check_ppo_generation(config, model_path)
     tokenizer = load_tokenizer(model_path)
     prompts, eval_prompts = load_splits(run_info, config.data, tokenizer, load_prompts)
     if total_steps < 1:
