@@ -94,9 +94,9 @@ def generate_with_pool(pool, tokenizer: Any, config: PPOConfig, prompt_token_ids
                        greedy: bool, first: int) -> GenerationResult:
     """Responses to the prompts from a `RolloutPool` under `config.rollout`'s sampling settings.
     `first` is the index of the block's first prompt in the whole list (one rank's or rollout
-    worker's block): each batch samples with `seed` + its first prompt's index in the whole list,
-    so with `rollout.max_batch` 1 a block samples exactly what one process sampling the whole list
-    does."""
+    worker's block): every prompt samples from the stream of its index in the whole list
+    (`SamplingParams.for_block`), so a block samples exactly what one process sampling the whole
+    list does."""
     from stema.rollout import SamplingParams
 
     if not prompt_token_ids:  # a rank or worker given no prompts
