@@ -1,23 +1,28 @@
-"""Rollout engine: generation throughput against Hugging Face generate, refit against a rebuild.
+"""Rollout engine: generation throughput against Hugging Face generate, continuous against static
+batching, refit against a rebuild.
 
-One randomly initialized Llama-architecture model per size; the same prompts (all of one length),
-greedy decoding, exactly `new_tokens` tokens per sequence (EOS off) for both sides.
+Models (random weights made in code, no download): the built-in tiny Llama (1.3M parameters,
+vocabulary 100) and a ~55M-parameter Llama (hidden 512, 12 layers, 8 heads, intermediate 1408,
+vocabulary 32000, tied embeddings). Each in fp32 and bf16, at batch 8 and 64.
 
-- generation: tokens generated per second by `GenerationEngine.generate` against the Hugging Face
-  model's own `generate(do_sample=False)` on the same batch (no goal: a figure to follow).
-- roofline: the engine's tokens/s against the memory-bandwidth roofline, batch * bandwidth /
-  (bytes read per decode step: every weight once plus the mean KV cache), the bandwidth measured
-  here by one large `copy_` (reads + writes). Prefill counts in the engine's time, so this is a
-  lower bound on the decode fraction of the roofline. No goal.
-- refit: `EngineRefitter.refit()` (one RefitPlan apply into the existing buffers) against
-  building the engine again with `GenerationEngine.from_hf` (allocate + copy). No goal.
+- generate: tokens/s of `GenerationEngine.generate` (continuous batching) against the Hugging Face
+  model's own `generate(do_sample=False)` on the same batch: prompt 32 tokens, greedy, exactly 64
+  new tokens per sequence (EOS off).
+- continuous vs static, same lengths: the same workload through the engine's static batches
+  (`continuous_batching=False`): equal lengths give continuous batching nothing to refill, so this
+  row shows its bookkeeping cost.
+- continuous vs static, mixed lengths: 2 x batch prompts (so 2 static batches), sampled at
+  temperature 1 with seed 0 and 1/64 of the vocabulary as EOS tokens (geometric response lengths,
+  at most 64): a static batch runs as long as its longest sequence, continuous batching refills a
+  finished sequence's slot. The tokens are identical in both modes (one sampling stream per prompt).
+- refit vs rebuild: `EngineRefitter.refit()` (one RefitPlan apply into the existing buffers)
+  against building the engine again with `GenerationEngine.from_hf` (allocate + copy).
 
-Sizes: CPU hidden 256, 4 layers, vocab 2048, batch 8, prompt 32, 64 new tokens, fp32;
-CUDA the shape of Qwen2-0.5B (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate 4864,
-vocab 151936: 494M parameters), batch 32, prompt 128, 128 new tokens, bf16;
-quick hidden 32, 2 layers, batch 2, prompt 8, 8 new tokens.
+No goals: figures to follow. Timings are best-of-`repeats` (common.best_seconds) after one
+warm-up call of 2 new tokens per path (first-call kernel and allocator set-up); on a shared machine
+read the ratios, measured side by side, not the absolute numbers. Rows print as they are measured.
 
-    python benchmarks/bench_rollout.py [--device cuda] [--quick]
+    python benchmarks/bench_rollout.py [--device cuda] [--quick] [--repeats N] [--models tiny,55M]
 """
 
 from __future__ import annotations
@@ -30,64 +35,43 @@ import torch
 from common import best_seconds, device_label
 
 
-class Size(NamedTuple):
-    """Model and workload of one benchmark size (a NamedTuple: run_all loads this file without
-    registering it as a module, which dataclasses need)."""
+class Model(NamedTuple):
+    """A model of the benchmark (a NamedTuple: run_all loads this file without registering it as a
+    module, which dataclasses need). `None` sizes: the built-in tiny model."""
 
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    batch: int
-    prompt: int
-    new_tokens: int
-    dtype: torch.dtype
-    repeats: int
+    name: str
+    hidden: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    intermediate: int | None = None
+    vocab: int | None = None
 
 
-SIZES = {
-    "quick": Size(32, 2, 4, 2, 64, 128, batch=2, prompt=8, new_tokens=8, dtype=torch.float32, repeats=2),
-    "cpu": Size(256, 4, 8, 4, 688, 2048, batch=8, prompt=32, new_tokens=64, dtype=torch.float32, repeats=3),
-    "cuda": Size(896, 24, 14, 2, 4864, 151936, batch=32, prompt=128, new_tokens=128, dtype=torch.bfloat16,
-                 repeats=3),
-}
+TINY = Model("tiny")
+LLAMA_55M = Model("55M", hidden=512, layers=12, heads=8, intermediate=1408, vocab=32000)
+QUICK = Model("quick", hidden=32, layers=2, heads=4, intermediate=64, vocab=128)
+PROMPT, NEW_TOKENS = 32, 64
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build_model(size: Size, device: str):
-    """A random LlamaForCausalLM of `size` in its dtype on `device` (seeded, no download)."""
+def build_model(spec: Model, dtype: torch.dtype, device: str):
+    """The model in `dtype` on `device`, seeded, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-        max_position_embeddings=size.prompt + size.new_tokens, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
+    from stema.models.tiny import build_model as build_tiny
+
     torch.manual_seed(0)
-    with torch.device(device):
+    if spec.hidden is None:
+        model = build_tiny()
+    else:
+        config = LlamaConfig(
+            vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+            max_position_embeddings=PROMPT + NEW_TOKENS, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0,
+        )
         model = LlamaForCausalLM(config)
-    return model.to(size.dtype).eval()
-
-
-def copy_bandwidth(device: str, *, repeats: int) -> float:
-    """Bytes per second (read + written) of one fp32 copy_ of 256 MB (CUDA) or 64 MB (CPU)."""
-    elements = (64 if device.startswith("cuda") else 16) * 2**20
-    src = torch.randn(elements, device=device)
-    dst = torch.empty_like(src)
-    seconds = best_seconds(lambda: dst.copy_(src), device=device, repeats=repeats, warmup=1)
-    return 2 * src.nbytes / seconds
-
-
-def decode_bytes_per_step(engine, size: Size) -> float:
-    """Bytes one decode step reads: every weight once, plus the KV cache at the mean length."""
-    weight_bytes = sum(tensor.nbytes for name, tensor in engine.weights.buffers().items())
-    mean_length = size.prompt + size.new_tokens / 2
-    spec = engine.spec
-    kv_bytes = (spec.num_layers * 2 * size.batch * spec.num_kv_heads * mean_length * spec.head_dim
-                * engine.cache.tensor.element_size())
-    return weight_bytes + kv_bytes
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def row(*, case: str, metric: str, stema: float, baseline: float, higher_is_better: bool, baseline_name: str,
@@ -100,64 +84,116 @@ def row(*, case: str, metric: str, stema: float, baseline: float, higher_is_bett
     }
 
 
-def measure(*, device: str = "cpu", quick: bool = False) -> list[dict]:
-    """Rows: engine vs HF generate (tokens/s), engine vs bandwidth roofline (tokens/s), refit vs
-    rebuild (ms)."""
-    from stema.rollout import EngineRefitter, GenerationEngine, SamplingParams
+def random_prompts(count: int, vocab: int, *, seed: int) -> list[list[int]]:
+    """`count` prompts of PROMPT token ids in [3, vocab) (0-2: pad, BOS, EOS)."""
+    return torch.randint(3, vocab, (count, PROMPT), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    size = SIZES["quick" if quick else ("cuda" if device.startswith("cuda") else "cpu")]
-    model = build_model(size, device)
-    max_total_len = size.prompt + size.new_tokens
 
-    def build_engine():
-        return GenerationEngine.from_hf(model, dtype=size.dtype, max_batch=size.batch, max_total_len=max_total_len,
+def measure_generation(model, *, label: str, batch: int, dtype: torch.dtype, device: str, repeats: int) -> list[dict]:
+    """Rows for one model, dtype and batch: engine vs HF generate, continuous vs static (same and
+    mixed lengths)."""
+    from stema.rollout import GenerationEngine, SamplingParams
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+
+    def engine(continuous: bool) -> GenerationEngine:
+        return GenerationEngine.from_hf(model, dtype=dtype, max_batch=batch, max_total_len=PROMPT + NEW_TOKENS,
+                                        device=device, continuous_batching=continuous)
+
+    continuous, static = engine(True), engine(False)
+    prompts = random_prompts(batch, vocab, seed=1)
+    greedy = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, eos_token_ids=())
+    input_ids = torch.tensor(prompts, device=device)
+
+    def hf_generate(new_tokens: int = NEW_TOKENS):
+        with torch.no_grad():
+            model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    warm_up = SamplingParams(temperature=0, max_new_tokens=2, eos_token_ids=())
+    continuous.generate(prompts, warm_up)
+    static.generate(prompts, warm_up)
+    hf_generate(2)
+
+    def timed(fn) -> float:
+        return best_seconds(fn, device=device, repeats=repeats, warmup=0)
+
+    tokens = batch * NEW_TOKENS
+    continuous_s = timed(lambda: continuous.generate(prompts, greedy))
+    static_s = timed(lambda: static.generate(prompts, greedy))
+    hf_s = timed(hf_generate)
+
+    many = random_prompts(2 * batch, vocab, seed=2)
+    mixed = SamplingParams(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=0,
+                           eos_token_ids=tuple(range(3, 3 + max(1, vocab // 64))))
+    mixed_tokens = sum(len(tokens) for tokens in continuous.generate(many, mixed).token_ids)
+    mixed_continuous_s = timed(lambda: continuous.generate(many, mixed))
+    mixed_static_s = timed(lambda: static.generate(many, mixed))
+
+    case = f"{label}, batch {batch}, prompt {PROMPT}"
+    common = {"device": device, "metric": "tokens/s", "higher_is_better": True}
+    return [
+        row(case=f"generate (continuous), {case}, {NEW_TOKENS} new tokens, greedy", stema=tokens / continuous_s,
+            baseline=tokens / hf_s, baseline_name="HF model.generate(do_sample=False)", **common),
+        row(case=f"continuous vs static batching, {case}, {NEW_TOKENS} new tokens each, greedy",
+            stema=tokens / continuous_s, baseline=tokens / static_s, baseline_name="STEMA engine, static batches",
+            **common),
+        row(case=f"continuous vs static batching, {case}, {2 * batch} prompts, mixed lengths (mean "
+                 f"{mixed_tokens / (2 * batch):.0f} of <= {NEW_TOKENS} new tokens), sampled",
+            stema=mixed_tokens / mixed_continuous_s, baseline=mixed_tokens / mixed_static_s,
+            baseline_name="STEMA engine, static batches", **common),
+    ]
+
+
+def measure_refit(model, *, label: str, dtype: torch.dtype, device: str, repeats: int) -> dict:
+    """Refit into the existing engine vs building the engine again (batch 8's cache)."""
+    from stema.rollout import EngineRefitter, GenerationEngine
+
+    def build():
+        return GenerationEngine.from_hf(model, dtype=dtype, max_batch=8, max_total_len=PROMPT + NEW_TOKENS,
                                         device=device)
 
-    engine = build_engine()
-    generator = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, size.vocab, (size.batch, size.prompt), generator=generator)
-    params = SamplingParams(temperature=0, max_new_tokens=size.new_tokens, eos_token_ids=())
-    prompt_lists = prompts.tolist()
-    prompts = prompts.to(device)
+    refitter = EngineRefitter(build(), model)
+    refit_s = best_seconds(refitter.refit, device=device, repeats=repeats, warmup=1)
+    rebuild_s = best_seconds(build, device=device, repeats=repeats, warmup=1)
+    return row(case=f"refit vs rebuild, {label}", metric="time_ms", stema=1e3 * refit_s, baseline=1e3 * rebuild_s,
+               higher_is_better=False, baseline_name="GenerationEngine.from_hf", device=device)
 
-    def hf_generate():
-        with torch.no_grad():
-            model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                           max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens, pad_token_id=0)
 
-    engine_seconds = best_seconds(lambda: engine.generate(prompt_lists, params), device=device, repeats=size.repeats, warmup=1)
-    hf_seconds = best_seconds(hf_generate, device=device, repeats=size.repeats, warmup=1)
-    refitter = EngineRefitter(engine, model)
-    refit_seconds = best_seconds(refitter.refit, device=device, repeats=size.repeats, warmup=1)
-    rebuild_seconds = best_seconds(build_engine, device=device, repeats=size.repeats, warmup=1)
-    roofline_steps_per_second = copy_bandwidth(device, repeats=size.repeats) / decode_bytes_per_step(engine, size)
+def measured_rows(*, device: str, quick: bool, repeats: int, models: tuple[Model, ...] = (TINY, LLAMA_55M)):
+    """Yields every row of the module docstring as it is measured (quick: a 2-layer toy model,
+    fp32, batch 2)."""
+    plan = ([(QUICK, "fp32", (2,))] if quick else
+            [(spec, dtype, (8, 64)) for spec in models for dtype in DTYPES])
+    for spec, dtype_name, batches in plan:
+        dtype = DTYPES[dtype_name]
+        model = build_model(spec, dtype, device)
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        label = f"{spec.name} Llama ({parameters / 1e6:.1f}M params) {dtype_name}"
+        for batch in batches:
+            yield from measure_generation(model, label=label, batch=batch, dtype=dtype, device=device,
+                                          repeats=1 if quick else repeats)
+        yield measure_refit(model, label=label, dtype=dtype, device=device, repeats=1 if quick else repeats)
 
-    tokens = size.batch * size.new_tokens
-    parameters = sum(parameter.numel() for parameter in model.parameters())
-    case = (f"{parameters / 1e6:.1f}M-param Llama {str(size.dtype).removeprefix('torch.')}, batch {size.batch}, "
-            f"prompt {size.prompt}, {size.new_tokens} new tokens, greedy")
-    common = {"device": device}
-    return [
-        row(case=f"generate, {case}", metric="tokens/s", stema=tokens / engine_seconds, baseline=tokens / hf_seconds,
-            higher_is_better=True, baseline_name="HF model.generate(do_sample=False)", **common),
-        row(case=f"generate vs roofline, {case}", metric="tokens/s", stema=tokens / engine_seconds,
-            baseline=size.batch * roofline_steps_per_second, higher_is_better=True,
-            baseline_name="memory-bandwidth roofline (copy_ GB/s)", **common),
-        row(case=f"refit vs rebuild, {parameters / 1e6:.1f}M params", metric="time_ms", stema=1e3 * refit_seconds,
-            baseline=1e3 * rebuild_seconds, higher_is_better=False, baseline_name="GenerationEngine.from_hf",
-            **common),
-    ]
+
+def measure(*, device: str = "cpu", quick: bool = False, repeats: int = 3) -> list[dict]:
+    """Every row of the module docstring, as a list (for run_all)."""
+    return list(measured_rows(device=device, quick=quick, repeats=repeats))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many timed runs per figure")
+    parser.add_argument("--models", default="tiny,55M", help="comma-separated: tiny, 55M")
     args = parser.parse_args()
-    for result in measure(device=args.device, quick=args.quick):
+    models = tuple({spec.name: spec for spec in (TINY, LLAMA_55M)}[name] for name in args.models.split(","))
+    for result in measured_rows(device=args.device, quick=args.quick, repeats=args.repeats, models=models):
         print(
             f"{result['case']} | {result['metric']}: stema {result['stema']:.3f} | "
-            f"{result['baseline_name']} {result['baseline']:.3f} | x{result['ratio']:.2f} | {result['device']}"
+            f"{result['baseline_name']} {result['baseline']:.3f} | x{result['ratio']:.2f} | {result['device']}",
+            flush=True,
         )
 
 

@@ -23,9 +23,10 @@ import torch
 import stema.trainers.ppo as ppo_trainer
 from stema.cli import main
 from stema.config import ConfigError, DistributedConfig, PPOConfig, load_config
-from stema.distributed.role_model import BucketedRefitter, bucket_boundaries
+from stema.distributed.role_model import bucket_boundaries
 from stema.roles.groups import RowBlock, concat_rows, row_blocks, split_rows
 from stema.roles.handles import RoleError, start_role
+from stema.rollout import BucketedRefitter
 from stema.training.logging import read_metrics
 
 from run_folders import died_after
@@ -146,7 +147,7 @@ def ppo_runs(ray_session, tmp_path_factory):
 def disaggregated_run(ray_session, tmp_path_factory):
     """The PPO run with disaggregated placement, and what its rollout worker showed before the
     first refit and after the last: {"addresses": [...], "engine_weights": ...}."""
-    from stema.roles.disaggregated import RolloutWorker
+    from stema.roles.rollout import RolloutWorker
 
     seen = {}
 
@@ -275,7 +276,7 @@ def test_a_sharded_actor_exports_the_hf_model_of_the_local_run(ppo_runs):
 
 
 def _epoch_orders(seed: int) -> list[torch.Tensor]:
-    """The row orders of the 2 PPO epochs of one update (`_Updater.update`'s draw)."""
+    """The row orders of the 2 PPO epochs of one update (`PPOUpdater.update`'s draw)."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randperm(4, generator=generator) for _ in range(2)]
 
@@ -302,11 +303,11 @@ def test_bucket_boundaries_keep_each_bucket_within_its_bytes():
 
 @pytest.fixture(scope="module")
 def tiny_actor(tmp_path_factory):
-    from stema.roles.workers import ActorWorker
+    from stema.roles.actor import ActorWorker
 
     out = tmp_path_factory.mktemp("actor")
     config = load_config(PPOConfig, None, [f"trainer.output_dir={out}", *PPO, "optim.lr=1e-2"])
-    return ActorWorker(config=config, cache_dir=str(out), total_steps=2)
+    return ActorWorker(**ppo_trainer.actor_arguments(config), cache_dir=str(out), total_steps=2)
 
 
 def test_bucketed_refit_fills_every_engine_weight_in_place_a_bucket_at_a_time(tiny_actor):
@@ -368,12 +369,13 @@ def test_two_rollout_workers_split_the_prompts_and_take_every_bucket_in_place(ra
     buffers."""
     from stema.distributed import World
     from stema.models.loading import load_policy
-    from stema.roles.disaggregated import RemoteEngineRefitter, RolloutWorker, engine_receivers, start_rollout_role
+    from stema.roles.rollout import RolloutWorker, engine_receivers, remote_refitter, start_rollout_role
     from stema.rollout import GenerationEngine
 
     config = load_config(PPOConfig, None, [f"trainer.output_dir={tmp_path}", *PPO, *DISAGGREGATED, "roles.rollout_workers=2"])
-    one_worker = RolloutWorker(config=config, cache_dir=str(tmp_path))
-    rollout = start_rollout_role(config, cache_dir=str(tmp_path), timeout_s=60)
+    one_worker = RolloutWorker(**ppo_trainer.rollout_arguments(config), cache_dir=str(tmp_path))
+    rollout = start_rollout_role(workers=config.roles.rollout_workers, timeout_s=60, cache_dir=str(tmp_path),
+                                 **ppo_trainer.rollout_arguments(config))
     try:
         prompts = [[1, 5, 6, 7], [1, 8, 9], [1, 10], [1, 11, 12, 13, 14], [1, 7, 7]]
         split = rollout.submit(RolloutWorker.generate, prompts, seed=3).result()
@@ -389,8 +391,8 @@ def test_two_rollout_workers_split_the_prompts_and_take_every_bucket_in_place(ra
             return [ray.get(member.call.remote(method, (), {})) for member in rollout.members]
 
         before = on_each_worker(RolloutWorker.engine_buffer_addresses)
-        refitter = RemoteEngineRefitter(policy, engine_receivers(rollout, timeout_s=60), bucket_bytes=4096,
-                                        world=World(role="actor"))
+        refitter = remote_refitter(policy, engine_receivers(rollout, timeout_s=60), bucket_bytes=4096,
+                                   world=World(role="actor"))
         refitter.refit()
         assert refitter.sent_buckets == len(refitter.weights.buckets) > 1
         expected = GenerationEngine.from_hf(policy, max_batch=1, max_total_len=8).weights.buffers()

@@ -22,7 +22,7 @@ from stema.models import loading, tiny
 from stema.models.tiny import TinyModelSpec, save_tiny_model
 from stema.models.value_head import last_attended, reward_scores, token_scores
 from stema.rewards import Reward, right_padded
-from stema.roles.workers import RewardWorker
+from stema.roles.reward import RewardWorker
 from stema.trainers.reward import PairwiseRewardAlgorithm, sequence_rewards
 from stema.training.loop import run_evaluation
 
@@ -131,7 +131,7 @@ def test_a_reward_model_trained_with_pad_eos_scores_the_same_in_every_consumer(t
 
     ppo_config = PPOConfig()
     ppo_config.reward.model = str(exported)
-    ppo_scores = RewardWorker(config=ppo_config, cache_dir=str(tmp_path / "cache")).score(prompts, texts, prompt_ids, response_ids)
+    ppo_scores = RewardWorker(reward_cfg=ppo_config.reward, dtype=ppo_config.model.dtype, cache_dir=str(tmp_path / "cache")).score(prompts, texts, prompt_ids, response_ids)
     rs_config = RSConfig()
     rs_config.reward.model, rs_config.reward.micro_batch_size = str(exported), 2
     rs_scores = Reward.from_config(rs_config.reward, dtype="float32", device=torch.device("cpu"),

@@ -18,7 +18,7 @@ from stema.rollout import (
     logprob_mismatch,
     response_token_logprobs,
 )
-from stema.rollout.sampling import StopStringMatcher, make_generator, sample_next_tokens
+from stema.rollout.sampling import StopStringMatcher, prompt_generators, sample_next_tokens
 
 from tiny_models import scramble
 
@@ -162,7 +162,7 @@ def test_top_k_top_p_sample_the_renormalized_truncation(top_k, top_p, allowed):
     hit exactly the allowed tokens, at their renormalized probabilities (within 0.015)."""
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0]).repeat(20000, 1)
     params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
-    tokens = sample_next_tokens(logits, params, make_generator(0, torch.device("cpu")))
+    tokens = sample_next_tokens(logits, params, prompt_generators(0, range(len(logits)), torch.device("cpu")))
     frequencies = torch.bincount(tokens, minlength=6).float() / tokens.numel()
     expected = torch.zeros(6)
     expected[allowed] = logits[0, allowed].softmax(-1)
@@ -172,7 +172,7 @@ def test_top_k_top_p_sample_the_renormalized_truncation(top_k, top_p, allowed):
 
 def test_temperature_scales_the_sampling_distribution():
     logits = torch.tensor([1.0, 0.0]).repeat(20000, 1)
-    tokens = sample_next_tokens(logits, SamplingParams(temperature=2.0), make_generator(1, torch.device("cpu")))
+    tokens = sample_next_tokens(logits, SamplingParams(temperature=2.0), prompt_generators(1, range(len(logits)), torch.device("cpu")))
     assert abs(float((tokens == 0).float().mean()) - torch.tensor([0.5, 0.0]).softmax(-1)[0].item()) < 0.015
 
 

@@ -1,5 +1,5 @@
 """The generation fallback for families the rollout engine does not serve (`stema.rollout.HFGenerator`,
-chosen by `stema.generation.build_generator`), on a tiny GPT-2: its greedy output is transformers'
+chosen by `stema.rollout.build_generator`), on a tiny GPT-2: its greedy output is transformers'
 own, its log-probs are the model's, seeded sampling repeats, finish reasons follow the engine's rule;
 and `stema generate`, `stema rs` and `stema spin` run end to end on GPT-2."""
 
@@ -10,13 +10,11 @@ import pytest
 import torch
 
 from stema.cli import main
-from stema.config import ConfigError
+from stema.config import ConfigError, SamplingConfig
 from stema.distributed import World
-from stema.distributed.role_model import engine_refitter
-from stema.generation import build_generator
 from stema.models.families import build_family_model, save_family_model
 from stema.models.tiny import build_tokenizer
-from stema.rollout import GenerationEngine, HFGenerator, SamplingParams, response_token_logprobs
+from stema.rollout import GenerationEngine, HFGenerator, SamplingParams, build_generator, response_token_logprobs
 from stema.training.logging import read_metrics
 
 from tiny_models import spread
@@ -121,18 +119,19 @@ def test_finish_reasons_eos_stop_and_length(gpt2, tokenizer, prompts):
 def test_build_generator_falls_back_once_refits_by_following_the_model_and_refuses_several_processes(gpt2, tokenizer, prompts):
     lines = []
     llama = build_family_model("llama", tokenizer=tokenizer)
-    assert isinstance(build_generator(llama, max_batch=2, max_total_len=32, say=lines.append), GenerationEngine) and not lines
-    generator = build_generator(gpt2, max_batch=2, max_total_len=32, world=World(role="rs"), say=lines.append)
+    sampling = SamplingConfig()
+    assert isinstance(build_generator(llama, sampling, max_batch=2, max_total_len=32, say=lines.append), GenerationEngine) and not lines
+    generator = build_generator(gpt2, sampling, max_batch=2, max_total_len=32, world=World(role="rs"), say=lines.append)
     assert isinstance(generator, HFGenerator) and len(lines) == 1 and "'gpt2'" in lines[0]
     # "Refit" after training: generate with the trained model itself.
     trained = spread_gpt2(tokenizer, seed=4)
     greedy = SamplingParams(temperature=0, max_new_tokens=6)
     before = generator.generate(prompts, greedy).token_ids
-    engine_refitter(generator, trained, world=World(role="rs")).refit()
+    generator.refitter(trained, world=World(role="rs")).refit()
     assert generator.model is trained
     assert generator.generate(prompts, greedy).token_ids == HFGenerator(trained, max_batch=2).generate(prompts, greedy).token_ids != before
     with pytest.raises(ConfigError, match=r"'gpt2' models.*sharded over 2 processes; run stema spin in one process"):
-        build_generator(gpt2, max_batch=2, max_total_len=32, world=World(role="spin", world_size=2), say=lines.append)
+        build_generator(gpt2, sampling, max_batch=2, max_total_len=32, world=World(role="spin", world_size=2), say=lines.append)
 
 
 SMALL = [

@@ -8,7 +8,7 @@ import torch
 
 from stema.models.families import build_family_model
 from stema.models.tiny import build_tokenizer
-from stema.rollout import EngineRefitter, GenerationEngine, SamplingParams
+from stema.rollout import BucketedRefitter, EngineRefitter, GenerationEngine, SamplingParams
 
 from tiny_models import scramble
 
@@ -191,7 +191,7 @@ def test_lora_is_refused_where_several_ranks_cannot_carry_the_adapters(tokenizer
     anything collective runs: the bucketed refit (its buckets carry base weights), the rs/spin
     refitter of a world with several ranks (ConfigError naming model.lora), and tensor parallel."""
     from stema.config import ConfigError
-    from stema.distributed.role_model import BucketedRefitter, engine_refitter, place_on_world
+    from stema.distributed.role_model import place_on_world
     from stema.distributed.world import World
 
     model = lora_model("llama", tokenizer, seed=6)
@@ -199,7 +199,7 @@ def test_lora_is_refused_where_several_ranks_cannot_carry_the_adapters(tokenizer
     with pytest.raises(ValueError, match="not merged LoRA adapters"):
         BucketedRefitter(engine, model, bucket_bytes=1 << 20)
     with pytest.raises(ConfigError, match=r"model\.lora: stema rs with LoRA runs in one process only"):
-        engine_refitter(engine, model, world=World(role="rs", world_size=2))
+        engine.refitter(model, world=World(role="rs", world_size=2))
     with pytest.raises(ConfigError, match=r"model\.lora: LoRA is not supported with tensor parallel \(distributed\.tp_size 2\)"):
         place_on_world(model, World(role="sft", world_size=2, tp_size=2), distributed_cfg=None)
-    assert isinstance(engine_refitter(engine, model, world=World(role="rs")), EngineRefitter)  # one rank: merged refit
+    assert isinstance(engine.refitter(model, world=World(role="rs")), EngineRefitter)  # one rank: merged refit

@@ -11,7 +11,8 @@ from stema.cli import main
 from stema.config import OptimConfig, PPOConfig, load_config
 from stema.models.families import build_family_model
 from stema.models.tiny import build_tokenizer
-from stema.roles.workers import ActorWorker
+from stema.roles.actor import ActorWorker
+from stema.trainers.ppo import actor_arguments
 from stema.training.logging import read_metrics
 from stema.training.optim import lr_multiplier
 
@@ -187,7 +188,7 @@ def test_ppo_resumed_with_more_steps_continues_the_learning_rate(tmp_path):
 
 def test_actor_refits_its_engine_in_place(tmp_path):
     config = load_config(PPOConfig, None, [f"trainer.output_dir={tmp_path}", *SMALL, "optim.lr=1e-2"])
-    actor = ActorWorker(config=config, cache_dir=str(tmp_path), total_steps=2)
+    actor = ActorWorker(**actor_arguments(config), cache_dir=str(tmp_path), total_steps=2)
     addresses = actor.engine_buffer_addresses()
     prompts = [[1, 5, 6, 7], [1, 8, 9]]
     generation = actor.generate(prompts, seed=0)

@@ -208,6 +208,10 @@ class RolloutConfig:
     engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Engine weights dtype; 'auto': bf16 on GPU, fp32 on CPU.")
     max_batch: int = option(64, "Sequences an engine generates at once (its KV cache holds this many).")
     num_engines: int = option(1, "Rollout engines (each its own weight copy) pulling prompt batches from the load-balancing scheduler.")
+    backend: Literal["stema", "hf", "vllm"] = option(
+        "stema", "Generation backend: 'stema' (STEMA's engine; transformers' generate for families it does not serve), "
+        "'hf' (transformers' generate on the policy), 'vllm' (needs the vllm extra)."
+    )
 
 
 @dataclass
@@ -396,6 +400,10 @@ class SamplingConfig:
     max_new_tokens: int = option(64, "Most tokens generated per response.")
     seed: int = option(0, "Seed of the sampler (same seed, prompts and weights: same samples).")
     batch_size: int = option(64, "Sequences the generation engine decodes at once.")
+    backend: Literal["stema", "hf", "vllm"] = option(
+        "stema", "Generation backend: 'stema' (STEMA's engine; transformers' generate for families it does not serve), "
+        "'hf' (transformers' generate on the model), 'vllm' (needs the vllm extra)."
+    )
 
 
 @dataclass

@@ -238,7 +238,7 @@ def stage_steerlm(demo: Demo) -> dict:
     from stema.data import encode_prompt
     from stema.data.steerlm import condition_prompt, format_attributes
     from stema.evaluation import spearman
-    from stema.generation import generate
+    from stema.rollout.factory import generate_once
     from stema.trainers import reward, steerlm
 
     data = demo.out / "steerlm_data"
@@ -273,7 +273,7 @@ def stage_steerlm(demo: Demo) -> dict:
     prompts = demo.heldout[:200]
     requested = [level for _ in prompts for level in range(builtin_attributes.VERBOSITY_LEVELS)]
     conditioned = [condition_prompt(prompt, format_attributes({"verbosity": level})) for prompt in prompts for level in range(builtin_attributes.VERBOSITY_LEVELS)]
-    batch = generate(model, tokenizer, [encode_prompt(prompt, tokenizer) for prompt in conditioned], SamplingConfig(max_new_tokens=64, batch_size=128), greedy=True)
+    batch = generate_once(model, tokenizer, [encode_prompt(prompt, tokenizer) for prompt in conditioned], SamplingConfig(max_new_tokens=64, batch_size=128), greedy=True)
     texts = [sequence.text for sequence in batch.sequences]
     measured = [builtin_attributes.measure_verbosity(text) for text in texts]
     words_by_level = [

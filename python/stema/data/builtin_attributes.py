@@ -106,7 +106,7 @@ def is_correct(prompt: list[dict[str, str]], completion: str) -> bool:
 def write_files(folder: str | Path, *, size: int = 2000, seed: int = 0) -> dict[str, Path]:
     """Write `labelled.jsonl` (attribute_records) and `pool.jsonl` (unlabelled_records, other
     questions' draws) with `size` records each into `folder`; name -> path."""
-    from stema.generation import write_jsonl_atomic
+    from stema.data.io import write_jsonl_atomic
 
     folder = Path(folder)
     return {

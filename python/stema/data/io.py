@@ -1,4 +1,5 @@
-"""Read data files into records: plain dicts, each with the place it came from.
+"""Read data files into records: plain dicts, each with the place it came from; write JSON Lines
+atomically (`write_jsonl_atomic`).
 
 Supported inputs, chosen by the path:
 
@@ -16,9 +17,11 @@ Lines count from 1 because editors do; rows and items count from 0 because that 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from stema.data.errors import DataError
 
@@ -143,3 +146,20 @@ def _as_object(value: Any, location: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise DataError(f"{location}: expected a JSON object (a record with named fields), got {type(value).__name__}")
     return value
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write `rows` as JSON Lines to `path` through a temporary file renamed into place, so a
+    crash never leaves a half-written file where a finished one is expected."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            for row in rows:
+                file.write(json.dumps(row) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

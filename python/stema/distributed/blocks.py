@@ -1,4 +1,5 @@
-"""Work spread over the data-parallel ranks in fixed blocks, the results gathered in order.
+"""Work spread over the data-parallel ranks in fixed blocks, the results gathered in order; and a
+batch's rows split into one contiguous block per rank (`RowBlock`, `row_blocks`: PPO's role groups).
 
     results = spread_blocks(world, prompts, block_size=64, work=generate_block)
     # generate_block(first, block) -> one result per item of block = prompts[first:first + 64]
@@ -12,6 +13,7 @@ block itself. `work` must not run collectives: the ranks run different numbers o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 import torch.distributed as dist
@@ -49,3 +51,31 @@ def spread_blocks(
         dist.all_gather_object(per_rank, mine, group=world.mesh["dp"].get_group())
         mine = [block for blocks in per_rank for block in blocks]
     return [result for _, results in sorted(mine, key=lambda block: block[0]) for result in results]
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows [start, stop) of a batch of `total` rows: one rank's share of a data call."""
+
+    start: int
+    stop: int
+    total: int
+
+    @classmethod
+    def whole(cls, rows: int) -> RowBlock:
+        return cls(0, rows, rows)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def row_blocks(total: int, parts: int) -> list[RowBlock]:
+    """`parts` contiguous blocks covering rows 0..total-1, sizes differing by at most one (the
+    first `total % parts` blocks one longer)."""
+    size, extra = divmod(total, parts)
+    blocks, start = [], 0
+    for part in range(parts):
+        stop = start + size + (part < extra)
+        blocks.append(RowBlock(start, stop, total))
+        start = stop
+    return blocks

@@ -1,12 +1,10 @@
-"""A role's model on its world: placement, refit of a generation engine from the shards, and the
-gathered state that a role's checkpoint holds. World size 1 is the same calls on a plain model.
+"""A role's model on its world: placement, its weights gathered whole a bucket at a time (what the
+refitters of `stema.rollout` copy into a generation engine), and the gathered state that a role's
+checkpoint holds. World size 1 is the same calls on a plain model.
 
     model = place_on_world(model, world, config.distributed)       # FSDP2 when the world has ranks
-    refitter = BucketedRefitter(engine, model, bucket_bytes=256 << 20)
-    refitter.refit()          # every rank: gathers bucket by bucket, copies into its engine in place
-    refitter = engine_refitter(engine, model, world=world)          # Bucketed, or plain in one process
-    buckets = WeightBuckets(model, layout, bucket_bytes=256 << 20)   # the gathering alone, for
-    for start, stop, tensors in buckets.gathered(): ...              # engines in other processes
+    buckets = WeightBuckets(model, layout, bucket_bytes=256 << 20)   # layout: [(hf_name, shape)]
+    for start, stop, tensors in buckets.gathered(): ...              # every rank: whole tensors
     state = gathered_state(model, optimizer)                        # rank 0: whole tensors on the CPU
 """
 
@@ -82,8 +80,9 @@ class WeightBuckets:
         for start, stop, tensors in buckets.gathered():   # every rank (each gather is a collective)
             ...                                           # tensors: the whole weights layout[start:stop]
 
-    `layout` is [(hf_name, shape)], the engine's weights by Hugging Face name (`weight_pairs`
-    order); each name must be a parameter of `model` (the unwrapped causal LM) with that shape.
+    `layout` is [(hf_name, shape)], the engine's weights by Hugging Face name (in the order of
+    `stema.rollout.refit.weight_pairs`); each name must be a parameter of `model` (the unwrapped
+    causal LM) with that shape.
 
     Attributes:
         names: the layout's names, in order.
@@ -92,9 +91,9 @@ class WeightBuckets:
     """
 
     def __init__(self, model: torch.nn.Module, layout: list[tuple[str, tuple[int, ...]]], *, bucket_bytes: int):
-        from stema.rollout.architecture import unwrap_hf_model
+        from stema.models.loading import unwrap_lora
 
-        unwrapped = unwrap_hf_model(model)
+        unwrapped = unwrap_lora(model)
         self.names = [name for name, _ in layout]
         self._sources = []
         sizes = []
@@ -127,69 +126,6 @@ class WeightBuckets:
             yield start, stop, tensors
             del tensors
         self.last_peak_bytes = peak
-
-
-class BucketedRefitter:
-    """Copies a (possibly FSDP2-sharded) trainer model's weights into a `GenerationEngine` in the
-    same process, in place, a `WeightBuckets` bucket at a time: a rank holds at most one bucket of
-    gathered weights beyond its shards and its engine.
-
-    The engine must have been built for the same architecture (e.g. `GenerationEngine.from_hf` on
-    the model before it was sharded); the weight-to-engine mapping is the plain `EngineRefitter`'s
-    (`stema.rollout.refit.weight_pairs`), and each bucket is copied (and cast) by the `refit_`
-    kernel. LoRA models are refused: the buckets carry the base weights, not merged adapters.
-
-    Attributes:
-        views: the engine view each weight of `weights.names` fills.
-        weights: the `WeightBuckets` (its `buckets` and `last_peak_bytes`).
-    """
-
-    def __init__(self, engine, model: torch.nn.Module, *, bucket_bytes: int):
-        from stema.models.loading import is_lora_model
-        from stema.rollout.architecture import decoder_spec_from_hf, unwrap_hf_model
-        from stema.rollout.refit import check_same_architecture, weight_pairs
-
-        if is_lora_model(model):
-            raise ValueError("BucketedRefitter refits whole weights, not merged LoRA adapters; the engine would "
-                             "generate with the base weights")
-        check_same_architecture(engine.spec, decoder_spec_from_hf(model))
-        self.engine = engine
-        pairs = [(hf_name, view) for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)]
-        self.views = [view for _, view in pairs]
-        self.weights = WeightBuckets(model, [(hf_name, tuple(view.shape)) for hf_name, view in pairs],
-                                     bucket_bytes=bucket_bytes)
-
-    @torch.no_grad()
-    def refit(self) -> None:
-        """Write the model's current weights into the engine's buffers, bucket by bucket (every rank)."""
-        from stema_kernels import refit_
-
-        for start, stop, tensors in self.weights.gathered():
-            views = self.views[start:stop]
-            refit_(views, [tensor.to(view.device) for tensor, view in zip(tensors, views)])
-
-
-def engine_refitter(engine, model: torch.nn.Module, *, world: World, bucket_bytes: int = 256 << 20):
-    """The refitter that keeps `engine` (built by `stema.generation.build_generator` on `model`
-    before `place_on_world`) up to date with `model`: a `BucketedRefitter` gathering the FSDP2
-    shards when the world has several ranks (every rank calls `refit()`), else the plain
-    `EngineRefitter` (which also merges LoRA). An `HFGenerator` (one process only) copies nothing:
-    its refit makes it generate with `model` itself. A LoRA model with several ranks raises
-    ConfigError naming `model.lora` (the buckets do not merge adapters)."""
-    from stema.config import ConfigError
-    from stema.models.loading import is_lora_model
-    from stema.rollout.hf import HFGenerator
-
-    if isinstance(engine, HFGenerator):
-        return engine.refitter(model)
-    if world.distributed and is_lora_model(model):
-        raise ConfigError(f"model.lora: stema {world.role} with LoRA runs in one process only (its generation engine is "
-                          "refit from the shards without the adapters); run it in one process")
-    if world.distributed:
-        return BucketedRefitter(engine, model, bucket_bytes=bucket_bytes)
-    from stema.rollout import EngineRefitter
-
-    return EngineRefitter(engine, model)
 
 
 def gathered_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

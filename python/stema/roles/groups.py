@@ -29,37 +29,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from stema.distributed.blocks import RowBlock, row_blocks
+
 from .handles import RoleError, _method_name, ensure_ray
 
 _SPLIT_ROWS = "__stema_split_rows__"
-
-
-@dataclass(frozen=True)
-class RowBlock:
-    """Rows [start, stop) of a batch of `total` rows: one rank's share of a data call."""
-
-    start: int
-    stop: int
-    total: int
-
-    @classmethod
-    def whole(cls, rows: int) -> RowBlock:
-        return cls(0, rows, rows)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def row_blocks(total: int, parts: int) -> list[RowBlock]:
-    """`parts` contiguous blocks covering rows 0..total-1, sizes differing by at most one (the
-    first `total % parts` blocks one longer)."""
-    size, extra = divmod(total, parts)
-    blocks, start = [], 0
-    for part in range(parts):
-        stop = start + size + (part < extra)
-        blocks.append(RowBlock(start, stop, total))
-        start = stop
-    return blocks
 
 
 @dataclass(frozen=True)

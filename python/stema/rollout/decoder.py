@@ -7,10 +7,11 @@ Layout (L layers, H query heads, KV key/value heads, d = head_dim, I = intermedi
     gate_up_weight  [L, 2 I, hidden]            rows: gate, then up
     KV cache        [L, 2, max_batch, KV, max_total_len, d]   (index 0: keys after rotary, 1: values)
 
-Each step runs tokens at cache columns [start, start + q) for the first n batch slots. Which cached
-columns a row may attend to is given by a key mask `key_valid [n, columns]`: a prompt's padding
-columns are False, so padding is never attended (a padding query attends to itself only, which
-keeps its values finite). The arithmetic follows transformers' Llama: RMSNorm in fp32 then cast
+Each step runs tokens at cache columns [start, start + q) of the first n batch slots, or (continuous
+batching, where every slot holds a sequence of its own length) right-padded prompts into columns
+[0, L) of any slots, or one token per slot at a column of each slot's own. Which cached columns a row may
+attend to is given by a key mask `key_valid [n, columns]`: a prompt's padding columns are False, so
+padding is never attended (a padding query attends to itself only, which keeps its values finite). The arithmetic follows transformers' Llama: RMSNorm in fp32 then cast
 back, rotary cos/sin computed in fp32 from `position * inv_freq` then cast to the compute dtype.
 """
 
@@ -154,6 +155,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+def per_row_attention_mask(key_valid: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """[n, 1, 1, end] bool for one query per row at column columns[row]: the row's valid keys at
+    columns <= its own, and always itself. key_valid: [n, end] bool; columns: [n] int64."""
+    key_index = torch.arange(key_valid.shape[1], device=key_valid.device)
+    causal = key_index[None, :] <= columns[:, None]  # [n, end]
+    itself = key_index[None, :] == columns[:, None]
+    return ((key_valid & causal) | itself)[:, None, None]
+
+
 def attention_mask(key_valid: torch.Tensor, *, start: int, query_len: int) -> torch.Tensor:
     """[n, 1, q, start + q] bool: query j (column start + j) sees valid keys at columns <= its own,
     and always itself (so a padding query has one key and a finite output).
@@ -185,14 +195,64 @@ class Decoder:
         The slots' `cache.key_valid[:n, :start + q]` must already be set.
         """
         n, query_len = input_ids.shape
+        slots = slice(0, n)
+        end = start + query_len
+        mask = attention_mask(self.cache.key_valid[slots, :end], start=start, query_len=query_len)
+
+        def store(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            layer_cache[0, slots, :, start:end] = k
+            layer_cache[1, slots, :, start:end] = v
+            return layer_cache[0, slots, :, :end], layer_cache[1, slots, :, :end]
+
+        return self._layers(input_ids, positions, mask=mask, store=store)
+
+    def prefill_hidden_states(self, input_ids: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [m, L, hidden] of RIGHT-padded prompts input_ids [m, L]
+        (valid [m, L]: False at padding) written to columns [0, L) of cache slots `slots` [m] (any
+        slots); the rotary position is the column. Sets those slots' key mask (padding False,
+        later columns False). Attention reads the prompts' own keys, not the cache."""
+        length = input_ids.shape[1]
+        self.cache.key_valid[slots] = False
+        self.cache.key_valid[slots, :length] = valid
+        mask = attention_mask(valid, start=0, query_len=length)
+        positions = torch.arange(length, device=input_ids.device).expand_as(input_ids)
+
+        def store(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            layer_cache[0][slots, :, :length] = k
+            layer_cache[1][slots, :, :length] = v
+            return k, v
+
+        return self._layers(input_ids, positions, mask=mask, store=store)
+
+    def decode_hidden_states(self, tokens: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [n, hidden] of one token per slot 0 .. n - 1, tokens [n] at
+        cache columns [n] (each slot its own; the rotary position is the column: a continuously
+        batched sequence starts at column 0 of its slot). Marks those columns valid."""
+        n = len(tokens)
+        rows = torch.arange(n, device=tokens.device)
+        self.cache.key_valid[rows, columns] = True
+        end = int(columns.max()) + 1
+        mask = per_row_attention_mask(self.cache.key_valid[:n, :end], columns)
+
+        def store(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            layer_cache[0][rows, :, columns] = k[:, :, 0]  # [n, KV, d] at (slot, column)
+            layer_cache[1][rows, :, columns] = v[:, :, 0]
+            return layer_cache[0, :n, :, :end], layer_cache[1, :n, :, :end]
+
+        hidden = self._layers(tokens[:, None], columns[:, None], mask=mask, store=store)
+        return hidden[:, 0]
+
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, *, mask: torch.Tensor, store) -> torch.Tensor:
+        """Every decoder layer and the final norm over input_ids [n, q] at positions [n, q].
+        `store(layer_cache, k, v)` writes a layer's keys and values [n, KV, q, d] into the cache and
+        returns the keys and values [n, KV, keys, d] attention reads, under `mask` [n, 1, q, keys]."""
         weights, spec = self.weights, self.spec
-        mask = attention_mask(self.cache.key_valid[:n, : start + query_len], start=start, query_len=query_len)
         cos = self.rotary.cos[positions][:, None]  # [n, 1, q, d]
         sin = self.rotary.sin[positions][:, None]
         x = F.embedding(input_ids, weights.embed)  # [n, q, hidden]
         for layer in range(spec.num_layers):
             x = x + self._attention(layer, rms_norm(x, weights.input_norm[layer], spec.rms_norm_eps),
-                                    cos=cos, sin=sin, mask=mask, start=start)
+                                    cos=cos, sin=sin, mask=mask, store=store)
             x = x + self._mlp(layer, rms_norm(x, weights.post_norm[layer], spec.rms_norm_eps))
         return rms_norm(x, weights.final_norm, spec.rms_norm_eps)
 
@@ -201,8 +261,9 @@ class Decoder:
         return F.linear(hidden, self.weights.lm_head)
 
     def _attention(self, layer: int, x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, start: int) -> torch.Tensor:
-        """Self-attention output [n, q, hidden] of normed x [n, q, hidden]; caches keys/values."""
+                   mask: torch.Tensor, store) -> torch.Tensor:
+        """Self-attention output [n, q, hidden] of normed x [n, q, hidden]; caches keys/values
+        through `store` (see `_layers`)."""
         spec, weights = self.spec, self.weights
         n, query_len, _ = x.shape
         H, KV, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -211,12 +272,10 @@ class Decoder:
         q, k, v = qkv.split((H * d, KV * d, KV * d), dim=-1)
         q = apply_rotary(q.view(n, query_len, H, d).transpose(1, 2), cos, sin)  # [n, H, q, d]
         k = apply_rotary(k.view(n, query_len, KV, d).transpose(1, 2), cos, sin)  # [n, KV, q, d]
-        end = start + query_len
         layer_cache = self.cache.tensor[layer]  # [2, B, KV, T, d]
-        layer_cache[0, :n, :, start:end] = k
-        layer_cache[1, :n, :, start:end] = v.view(n, query_len, KV, d).transpose(1, 2)
+        keys, values = store(layer_cache, k, v.view(n, query_len, KV, d).transpose(1, 2))
         out = F.scaled_dot_product_attention(
-            q, layer_cache[0, :n, :, :end], layer_cache[1, :n, :, :end], attn_mask=mask,
+            q, keys, values, attn_mask=mask,
             scale=d**-0.5, enable_gqa=H != KV,
         )  # [n, H, q, d]
         out = out.transpose(1, 2).reshape(n, query_len, H * d)

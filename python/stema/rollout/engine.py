@@ -7,13 +7,21 @@
     ... optimizer step on `policy` ...
     refitter.refit()                                       # in place, no allocation
 
-Batching: the prompts of one batch are LEFT-padded to the longest (their last tokens share a cache
-column), and each token gets its rotary position within its own sequence (padding excluded), as in
-transformers' generate. Padding columns are masked out of attention. At every step all unfinished
-sequences advance one token; a sequence that finishes (EOS, stop string or max_new_tokens) leaves
-the batch: the still-active rows of the cache are moved to the front (`StaticKVCache.compact`, in
-place), so finished sequences cost no further compute. More prompts than `max_batch` are generated
-in consecutive batches of `max_batch`.
+Batching, continuous (the default): the cache has `max_batch` slots, each holding one sequence from
+column 0 (its rotary position is its column). The first `max_batch` prompts are prefilled into the
+slots (right-padded, one forward); at every step each slot advances one token at its own column.
+When a sequence finishes (EOS, stop string or max_new_tokens), the next waiting prompt is prefilled
+into its slot at once, so the batch stays full while prompts wait; once none wait, finished slots
+leave and the active ones move to the front (`StaticKVCache.compact`, in place).
+
+Batching, static (`continuous_batching=False`): the prompts of one batch of `max_batch` are
+LEFT-padded to the longest (their last tokens share a cache column), and each token gets its rotary
+position within its own sequence (padding excluded), as in transformers' generate; finished
+sequences leave the batch by compaction, and the next batch starts when the whole batch is done.
+
+Both give the same tokens: every prompt samples from a random stream of its own
+(`stema.rollout.sampling`), so neither the batch nor the slot a prompt lands in changes its sample;
+the arithmetic differs only in the order of floating-point sums (padding, batch shapes).
 
 Log-probs: see `stema.rollout.sampling` (full temperature-scaled policy; truncation not applied).
 """
@@ -29,7 +37,7 @@ from .decoder import Decoder, DecoderWeights, RotaryTable, StaticKVCache
 from .sampling import (
     SamplingParams,
     StopStringMatcher,
-    make_generator,
+    prompt_generators,
     sample_next_tokens,
     sampled_token_logprobs,
 )
@@ -161,7 +169,7 @@ class GenerationEngine:
     """
 
     def __init__(self, spec: DecoderSpec, *, dtype: torch.dtype, device: torch.device, max_batch: int,
-                 max_total_len: int, eos_token_ids: tuple[int, ...], pad_token_id: int):
+                 max_total_len: int, eos_token_ids: tuple[int, ...], pad_token_id: int, continuous_batching: bool = True):
         if max_batch < 1 or max_total_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_total_len >= 2, got {max_batch} and {max_total_len}")
         self.spec = spec
@@ -169,6 +177,7 @@ class GenerationEngine:
         self.device = torch.device(device)
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = pad_token_id
+        self.continuous_batching = continuous_batching
         self.weights = DecoderWeights.allocate(spec, dtype=dtype, device=self.device)
         self.cache = StaticKVCache.allocate(spec, max_batch=max_batch, max_total_len=max_total_len, dtype=dtype,
                                             device=self.device)
@@ -177,11 +186,12 @@ class GenerationEngine:
 
     @classmethod
     def from_hf(cls, model: torch.nn.Module, *, dtype: torch.dtype | None = None, max_batch: int,
-                max_total_len: int, device: torch.device | str | None = None) -> GenerationEngine:
+                max_total_len: int, device: torch.device | str | None = None,
+                continuous_batching: bool = True) -> GenerationEngine:
         """An engine holding a copy of `model`'s current weights (a peft LoRA model: the merged
         effective weights), in `dtype` (default fp32 on CPU, bf16 on CUDA), on the model's device
-        (`device`, when given, must be that device). Raises UnsupportedModelError for a model
-        outside the Llama family."""
+        (`device`, when given, must be that device), batching continuously or statically (module
+        docstring). Raises UnsupportedModelError for a model outside the Llama family."""
         from .refit import EngineRefitter
 
         spec = decoder_spec_from_hf(model)
@@ -195,7 +205,8 @@ class GenerationEngine:
             )
         eos_token_ids, pad_token_id = special_token_ids(unwrap_hf_model(model))
         engine = cls(spec, dtype=dtype or _default_dtype(device), device=device, max_batch=max_batch,
-                     max_total_len=max_total_len, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+                     max_total_len=max_total_len, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                     continuous_batching=continuous_batching)
         EngineRefitter(engine, model).refit()
         return engine
 
@@ -206,6 +217,13 @@ class GenerationEngine:
     @property
     def max_total_len(self) -> int:
         return self.cache.max_total_len
+
+    def refitter(self, model: torch.nn.Module, *, world=None, bucket_bytes: int = 256 << 20):
+        """The `Refitter` that copies `model`'s weights into this engine in place
+        (`stema.rollout.bucketed.engine_refitter`: from the shards when `world` has several ranks)."""
+        from .bucketed import engine_refitter
+
+        return engine_refitter(self, model, world=world, bucket_bytes=bucket_bytes)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every buffer the engine allocated at construction (weights, KV cache, key mask)."""
@@ -237,12 +255,16 @@ class GenerationEngine:
         prompts = self._checked_prompts(prompt_token_lists, params)
         eos_token_ids = self.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids
         stop_matcher = StopStringMatcher(params.stop_strings, tokenizer)
-        generator = make_generator(params.seed, self.device)
+        generators = prompt_generators(params.seed, params.stream_indices(len(prompts)), self.device)
+        if self.continuous_batching:
+            run = _ContinuousGeneration(self, prompts, params, eos_token_ids=eos_token_ids, stop_matcher=stop_matcher,
+                                        generators=generators).run()
+            return RolloutBatch(run.sequences(tokenizer), self.pad_token_id)
         sequences: list[Rollout] = []
         for start in range(0, len(prompts), self.max_batch):
-            chunk = prompts[start:start + self.max_batch]
-            run = _BatchGeneration(self, chunk, params, eos_token_ids=eos_token_ids, stop_matcher=stop_matcher,
-                                   generator=generator)
+            stop = start + self.max_batch
+            run = _StaticBatchGeneration(self, prompts[start:stop], params, eos_token_ids=eos_token_ids,
+                                         stop_matcher=stop_matcher, generators=generators[start:stop]).run()
             sequences.extend(run.sequences(tokenizer))
         return RolloutBatch(sequences, self.pad_token_id)
 
@@ -279,61 +301,28 @@ def checked_prompts(prompt_token_lists, params: SamplingParams, *, vocab_size: i
     return prompts
 
 
-class _BatchGeneration:
-    """Generation of one batch of at most max_batch prompts (runs on construction).
-
-    Slot i of the cache holds the sequence `rows[i]` (an index into the prompts); finished
-    sequences leave and the remaining slots are compacted to the front.
-    """
+class _Generation:
+    """What both batching modes record: each prompt's response, finish reason and log-probs.
+    `prompts[row]` samples from `generators[row]`; a subclass's `run()` generates."""
 
     def __init__(self, engine: GenerationEngine, prompts: list[list[int]], params: SamplingParams, *,
-                 eos_token_ids: tuple[int, ...], stop_matcher: StopStringMatcher, generator: torch.Generator):
+                 eos_token_ids: tuple[int, ...], stop_matcher: StopStringMatcher, generators: list[torch.Generator]):
         self.engine, self.prompts, self.params = engine, prompts, params
         self.eos = frozenset(eos_token_ids)
         self.stop_matcher = stop_matcher
-        self.generator = generator
+        self.generators = generators
         self.responses: list[list[int]] = [[] for _ in prompts]
         self.finish_reasons: list[str | None] = [None] * len(prompts)
         self.logprobs = torch.zeros(len(prompts), params.max_new_tokens, dtype=torch.float32, device=engine.device)
-        self._run()
 
-    def _prefill(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Runs the left-padded prompts; returns (last-token logits [n, V], next positions [n],
-        prompt width P)."""
-        engine, prompts = self.engine, self.prompts
-        width = max(map(len, prompts))
-        input_ids = torch.full((len(prompts), width), engine.pad_token_id, dtype=torch.int64)
-        valid = torch.zeros(len(prompts), width, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            valid[row, width - len(prompt):] = True
-        input_ids, valid = input_ids.to(engine.device), valid.to(engine.device)
-        key_valid = engine.cache.key_valid
-        key_valid[:len(prompts), :width] = valid
-        key_valid[:len(prompts), width:width + self.params.max_new_tokens] = True
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = engine.decoder.hidden_states(input_ids, positions, start=0)
-        next_positions = valid.sum(-1)  # [n] = prompt lengths
-        return engine.decoder.logits(hidden[:, -1]), next_positions, width
-
-    def _run(self) -> None:
-        logits, positions, width = self._prefill()
-        rows = list(range(len(self.prompts)))  # rows[slot]: the prompt in cache slot `slot`
-        rows_tensor = torch.tensor(rows, device=self.engine.device)
-        for step in range(self.params.max_new_tokens):
-            tokens = sample_next_tokens(logits, self.params, self.generator)  # [n]
-            self.logprobs[rows_tensor, step] = sampled_token_logprobs(logits, tokens, self.params)
-            keep = self._record(rows, tokens.tolist())
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                keep_tensor = torch.tensor(keep, device=self.engine.device)
-                tokens, positions, rows_tensor = tokens[keep_tensor], positions[keep_tensor], rows_tensor[keep_tensor]
-                rows = [rows[slot] for slot in keep]
-                self.engine.cache.compact(keep, columns=width + step)
-            hidden = self.engine.decoder.hidden_states(tokens[:, None], positions[:, None], start=width + step)
-            logits = self.engine.decoder.logits(hidden[:, 0])
-            positions = positions + 1
+    def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """Samples the next token of the sequences `rows` (slot s holds rows[s]) from logits [n, V],
+        records their log-probs, appends the tokens; returns the slots whose sequences go on."""
+        device = self.engine.device
+        tokens = sample_next_tokens(logits, self.params, [self.generators[row] for row in rows])  # [n]
+        steps = torch.tensor([len(self.responses[row]) for row in rows], device=device)
+        self.logprobs[torch.tensor(rows, device=device), steps] = sampled_token_logprobs(logits, tokens, self.params)
+        return self._record(rows, tokens.tolist())
 
     def _record(self, rows: list[int], tokens: list[int]) -> list[int]:
         """Appends each slot's new token; returns the slots whose sequences go on."""
@@ -363,3 +352,116 @@ class _BatchGeneration:
             )
             for row, (prompt, response, reason) in enumerate(zip(self.prompts, self.responses, self.finish_reasons))
         ]
+
+
+class _StaticBatchGeneration(_Generation):
+    """One static batch of at most max_batch prompts (module docstring).
+
+    Slot i of the cache holds the sequence `rows[i]` (an index into the prompts); finished
+    sequences leave and the remaining slots are compacted to the front.
+    """
+
+    def _prefill(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Runs the left-padded prompts; returns (last-token logits [n, V], next positions [n],
+        prompt width P)."""
+        engine, prompts = self.engine, self.prompts
+        width = max(map(len, prompts))
+        input_ids = torch.full((len(prompts), width), engine.pad_token_id, dtype=torch.int64)
+        valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            valid[row, width - len(prompt):] = True
+        input_ids, valid = input_ids.to(engine.device), valid.to(engine.device)
+        key_valid = engine.cache.key_valid
+        key_valid[:len(prompts), :width] = valid
+        key_valid[:len(prompts), width:width + self.params.max_new_tokens] = True
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = engine.decoder.hidden_states(input_ids, positions, start=0)
+        next_positions = valid.sum(-1)  # [n] = prompt lengths
+        return engine.decoder.logits(hidden[:, -1]), next_positions, width
+
+    def run(self) -> _StaticBatchGeneration:
+        logits, positions, width = self._prefill()
+        rows = list(range(len(self.prompts)))  # rows[slot]: the prompt in cache slot `slot`
+        for step in range(self.params.max_new_tokens):
+            keep = self._sample(logits, rows)
+            if not keep:
+                return self
+            tokens = torch.tensor([self.responses[rows[slot]][-1] for slot in keep], device=self.engine.device)
+            if len(keep) < len(rows):
+                positions = positions[torch.tensor(keep, device=self.engine.device)]
+                rows = [rows[slot] for slot in keep]
+                self.engine.cache.compact(keep, columns=width + step)
+            hidden = self.engine.decoder.hidden_states(tokens[:, None], positions[:, None], start=width + step)
+            logits = self.engine.decoder.logits(hidden[:, 0])
+            positions = positions + 1
+        return self
+
+
+class _ContinuousGeneration(_Generation):
+    """All prompts through the cache's slots, a finished sequence's slot refilled with the next
+    waiting prompt (module docstring).
+
+    Per active slot s: `rows[s]` (the prompt it holds), `columns[s]` (the cache column its next
+    input token goes to) and `inputs[s]` (that token). A prompt enters with all but its last token
+    prefilled (`Decoder.prefill_hidden_states`); its last token is its first decode input, so every
+    step decodes exactly one token per slot (`Decoder.decode_hidden_states`).
+    """
+
+    def run(self) -> _ContinuousGeneration:
+        self.waiting = list(range(len(self.prompts)))[::-1]  # popped from the end: prompt order
+        self.rows: list[int] = []
+        self.columns: list[int] = []
+        self.inputs: list[int] = []
+        self._admit(list(range(min(self.engine.max_batch, len(self.prompts)))))
+        decoder, device = self.engine.decoder, self.engine.device
+        while self.rows:
+            hidden = decoder.decode_hidden_states(torch.tensor(self.inputs, device=device),
+                                                  torch.tensor(self.columns, device=device))
+            keep = set(self._sample(decoder.logits(hidden), self.rows))
+            finished = [slot for slot in range(len(self.rows)) if slot not in keep]
+            for slot in keep:
+                self.inputs[slot] = self.responses[self.rows[slot]][-1]
+                self.columns[slot] += 1
+            refill = finished[:len(self.waiting)]
+            self._admit(refill)
+            leaving = finished[len(refill):]
+            if leaving:
+                self._compact(sorted(keep | set(refill)))
+        return self
+
+    def _admit(self, slots: list[int]) -> None:
+        """Puts the next waiting prompts into `slots` (new slots at the end or freed ones),
+        prefilling all but their last tokens in one forward."""
+        if not slots:
+            return
+        device = self.engine.device
+        rows = [self.waiting.pop() for _ in slots]
+        for slot, row in zip(slots, rows):
+            prompt = self.prompts[row]
+            if slot == len(self.rows):
+                self.rows.append(row)
+                self.columns.append(0)
+                self.inputs.append(0)
+            self.rows[slot], self.columns[slot], self.inputs[slot] = row, len(prompt) - 1, prompt[-1]
+        width = max(len(self.prompts[row]) - 1 for row in rows)
+        slot_index = torch.tensor(slots, device=device)
+        if width == 0:  # one-token prompts: nothing to prefill
+            self.engine.cache.key_valid[slot_index] = False
+            return
+        input_ids = torch.full((len(rows), width), self.engine.pad_token_id, dtype=torch.int64)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for index, row in enumerate(rows):
+            head = self.prompts[row][:-1]
+            input_ids[index, :len(head)] = torch.tensor(head, dtype=torch.int64)
+            valid[index, :len(head)] = True
+        self.engine.decoder.prefill_hidden_states(input_ids.to(device), valid.to(device), slot_index)
+
+    def _compact(self, keep: list[int]) -> None:
+        """Moves the slots `keep` (increasing) to the front, dropping the others."""
+        columns = max(self.columns[slot] for slot in keep) if keep else 0
+        if keep and columns:
+            self.engine.cache.compact(keep, columns=columns)
+        self.rows = [self.rows[slot] for slot in keep]
+        self.columns = [self.columns[slot] for slot in keep]
+        self.inputs = [self.inputs[slot] for slot in keep]

@@ -107,9 +107,10 @@ class HFGenerator:
     def model_type(self) -> str:
         return str(getattr(unwrap_hf_model(self.model).config, "model_type", None))
 
-    def refitter(self, model: torch.nn.Module) -> _FollowModel:
+    def refitter(self, model: torch.nn.Module, *, world=None, bucket_bytes: int = 0) -> _FollowModel:
         """What `refit()`s this generator to `model`'s current weights: it generates with `model`
-        itself from then on (the trained, placed model), so nothing is copied."""
+        itself from then on (the trained, placed model), so nothing is copied (`world` and
+        `bucket_bytes` do not matter: the generator runs in one process)."""
         return _FollowModel(self, model)
 
     @torch.no_grad()

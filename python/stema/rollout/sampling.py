@@ -3,6 +3,15 @@
 The sampler draws from softmax(logits / T) restricted by top-k and then top-p (the order of
 transformers' logits processors); temperature 0 is greedy (argmax, first index on ties).
 
+Seeding: every prompt samples from a random stream of its own. Prompt i of a `generate` call draws
+from a generator seeded with `seed + index`, index = `prompt_indices[i]` (its place in the whole
+list it was taken from; default i), one draw per generated token (`prompt_generators`). So a
+prompt's sample depends only on the seed, its index and the weights, never on which batch or cache
+slot it lands in: static and continuous batching, any `max_batch`, a block of prompts generated
+with `for_block(first)` (seed + first) and any subset with `for_items(indices)` all sample the same
+tokens as one call over the whole list. Equal prompts at different indices (a GRPO group) get different
+streams. With `seed` None a fresh random base seed is drawn once per call.
+
 The log-prob reported for each sampled token is log softmax(logits / T)[token] over the FULL
 vocabulary: the top-k/top-p truncation is not reflected. PPO's importance ratio compares the
 trainer's recomputed log-prob with this one, and the trainer recomputes the full temperature-scaled
@@ -44,8 +53,10 @@ class SamplingParams:
             EOS tokens from its generation config; (): none.
         stop_strings: a sequence ends once its decoded response contains one of these (the tokens
             up to and including the one that completes it are kept); needs a tokenizer.
-        seed: seed of the sampling generator (same seed, prompts and weights: same samples);
-            None: a fresh random seed per call.
+        seed: base seed of the sampling streams (prompt i of a call: seed + its index; same seed,
+            prompts and weights: same samples); None: a fresh random base seed per call.
+        prompt_indices: each prompt's index in the whole list (one per prompt of the call); None:
+            0, 1, ... (module docstring).
     """
 
     temperature: float = 1.0
@@ -55,6 +66,7 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = field(default=())
     seed: int | None = None
+    prompt_indices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -74,6 +86,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_strings", stop_strings)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if self.prompt_indices is not None:
+            indices = _as_tuple(self.prompt_indices, "prompt_indices", int)
+            if any(index < 0 for index in indices):
+                raise ValueError(f"SamplingParams.prompt_indices must be >= 0, got {indices!r}")
+            object.__setattr__(self, "prompt_indices", indices)
 
     @property
     def greedy(self) -> bool:
@@ -84,20 +101,33 @@ class SamplingParams:
         stays None), so a batch samples the same whichever worker or rank generates it."""
         return self if self.seed is None else dataclasses.replace(self, seed=self.seed + first)
 
+    def for_items(self, indices) -> "SamplingParams":
+        """These params for a batch of the prompts at `indices` of the whole list: each samples
+        from the stream it has in the whole list."""
+        return dataclasses.replace(self, prompt_indices=tuple(int(index) for index in indices))
+
+    def stream_indices(self, count: int) -> tuple[int, ...]:
+        """The stream index of each of `count` prompts (ValueError when `prompt_indices` has
+        another length)."""
+        if self.prompt_indices is None:
+            return tuple(range(count))
+        if len(self.prompt_indices) != count:
+            raise ValueError(f"SamplingParams.prompt_indices has {len(self.prompt_indices)} entries for {count} prompts")
+        return self.prompt_indices
+
     @property
     def logprob_temperature(self) -> float:
         """The temperature of the reported log-probs: T, or 1 for greedy decoding."""
         return float(self.temperature) if self.temperature > 0 else 1.0
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A torch.Generator on `device` seeded with `seed` (a fresh random seed when None)."""
-    generator = torch.Generator(device=device)
+def prompt_generators(seed: int | None, indices, device: torch.device) -> list[torch.Generator]:
+    """One torch.Generator on `device` per prompt, seeded with `seed + index` for each of the
+    prompts' stream `indices` (`seed` None: a fresh random base seed drawn here). See the module
+    docstring."""
     if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+        seed = torch.Generator().seed() % 2**62  # nondeterministic; the global RNG is left alone
+    return [torch.Generator(device=device).manual_seed(seed + index) for index in indices]
 
 
 def truncate_logits(scaled_logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
@@ -116,13 +146,15 @@ def truncate_logits(scaled_logits: torch.Tensor, *, top_k: int, top_p: float) ->
     return scaled_logits
 
 
-def sample_next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """Next tokens [n] int64 for logits [n, V] (any float dtype)."""
+def sample_next_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """Next tokens [n] int64 for logits [n, V] (any float dtype); row r draws from generators[r]
+    (the stream of the prompt in that row), one draw each."""
     if params.greedy:
         return logits.argmax(dim=-1)
     scaled = logits.to(torch.float32) / params.temperature
-    probs = truncate_logits(scaled, top_k=params.top_k, top_p=params.top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = truncate_logits(scaled, top_k=params.top_k, top_p=params.top_p).softmax(dim=-1)  # [n, V]
+    return torch.cat([torch.multinomial(probs[row:row + 1], 1, generator=generator)[0]
+                      for row, generator in enumerate(generators)])
 
 
 def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingParams) -> torch.Tensor:

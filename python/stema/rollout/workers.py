@@ -6,9 +6,10 @@ max_new_tokens per prompt. After each batch a worker reports its measured second
 scheduler learns each worker's speed and a slow worker ends up with fewer prompts (it steals less,
 and is stolen from). Results come back in the original prompt order.
 
-Sampling seeds: with `params.seed` set, a batch is generated with seed `params.seed + (its lowest
-prompt index)`. Which prompts share a batch depends on timing, so a pool's samples are
-reproducible only as far as the batches are (one worker: always).
+Sampling seeds: each batch is generated with `params.for_items(its prompt indices)`, so every
+prompt samples from the stream it has in the whole list (`stema.rollout.sampling`): a pool's
+samples do not depend on which worker or batch a prompt lands in (the greedy tokens of different
+batch shapes can still differ where two logits tie to within rounding).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class _PoolRun:
                 if items is None:
                     return
                 start = time.perf_counter()
-                batch = engine.generate([self.prompts[item] for item in items], self.params.for_block(min(items)),
+                batch = engine.generate([self.prompts[item] for item in items], self.params.for_items(items),
                                         tokenizer=self.tokenizer)
                 seconds = time.perf_counter() - start
                 self.scheduler.report(worker, seconds)

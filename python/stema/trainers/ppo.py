@@ -31,6 +31,7 @@ averaged over sequences, whatever estimator the penalty uses. Rewards are normal
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -46,8 +47,12 @@ from stema.models.loading import resolve_model_path
 from stema.rewards import check_reward_functions
 from stema.roles.experience import experience_tensors, model_inputs, place_scores
 from stema.roles.handles import start_role
-from stema.roles.workers import ActorWorker, CriticWorker, ReferenceWorker, RewardWorker
+from stema.roles.actor import ActorWorker
+from stema.roles.critic import CriticWorker
+from stema.roles.reference import ReferenceWorker
+from stema.roles.reward import RewardWorker
 from stema.rollout import logprob_mismatch
+from stema.rollout.factory import check_ppo_generation
 from stema.training import checkpoint
 from stema.training.logging import MetricsLogger, progress_bar
 from stema.training.sampler import EpochSampler
@@ -93,6 +98,18 @@ class RunningMoments:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
+def actor_arguments(config: PPOConfig) -> dict:
+    """The component configs `ActorWorker` takes, from the run's config."""
+    return dict(model_cfg=config.model, optim_cfg=config.optim, trainer_cfg=config.trainer, rollout_cfg=config.rollout,
+                ppo_cfg=config.ppo, roles_cfg=config.roles, distributed_cfg=config.distributed,
+                max_prompt_length=config.data.max_length)
+
+
+def rollout_arguments(config: PPOConfig) -> dict:
+    """The component configs `RolloutWorker` takes, from the run's config."""
+    return dict(model_cfg=config.model, rollout_cfg=config.rollout, max_prompt_length=config.data.max_length)
+
+
 class Roles:
     """The run's role handles: actor, rollout (None unless placement is disaggregated: the actor
     then holds no engines), reference (None when the actor is its own reference), critic (None
@@ -103,29 +120,34 @@ class Roles:
         cache_dir = str(run.cache_dir)
         self.rollout = receivers = None
         if config.roles.placement == "disaggregated":
-            from stema.roles.disaggregated import engine_receivers, start_rollout_role
+            from stema.roles.rollout import engine_receivers, start_rollout_role
 
-            self.rollout = start_rollout_role(config, cache_dir=cache_dir, timeout_s=config.roles.call_timeout_s,
-                                              ray_address=config.roles.ray_address)
+            self.rollout = start_rollout_role(workers=config.roles.rollout_workers, timeout_s=config.roles.call_timeout_s,
+                                              ray_address=config.roles.ray_address, cache_dir=cache_dir,
+                                              **rollout_arguments(config))
             receivers = engine_receivers(self.rollout, timeout_s=config.roles.call_timeout_s)
-        self.actor = start_role("actor", ActorWorker, config=config, cache_dir=cache_dir, total_steps=total_steps,
+        self.actor = start_role("actor", ActorWorker, **actor_arguments(config), cache_dir=cache_dir, total_steps=total_steps,
                                 workers=config.roles.actor_workers, engine_receivers=receivers, **backend)
         self.reference = None
         if config.roles.reference != "lora":
-            self.reference = start_role("reference", ReferenceWorker, config=config, cache_dir=cache_dir,
+            self.reference = start_role("reference", ReferenceWorker, model_cfg=config.model, trainer_cfg=config.trainer,
+                                        temperature=config.rollout.temperature, cache_dir=cache_dir,
                                         offload=config.roles.reference == "cpu_offload", **backend)
         self.critic = None
         if needs_critic(config.ppo.advantage):
-            path = critic_path(config, cache_dir=cache_dir)
-            self.critic = start_role("critic", CriticWorker, config=config, cache_dir=cache_dir, path=path,
-                                     total_steps=total_steps, workers=config.roles.critic_workers, **backend)
-        self.reward = start_role("reward", RewardWorker, config=config, cache_dir=cache_dir, folder=os.getcwd(), **backend)
+            critic_cfg = dataclasses.replace(config.critic, path=critic_path(config, cache_dir=cache_dir))
+            self.critic = start_role("critic", CriticWorker, model_cfg=critic_cfg, optim_cfg=config.critic_optim,
+                                     trainer_cfg=config.trainer, ppo_cfg=config.ppo, distributed_cfg=config.distributed,
+                                     cache_dir=cache_dir, total_steps=total_steps, workers=config.roles.critic_workers,
+                                     **backend)
+        self.reward = start_role("reward", RewardWorker, reward_cfg=config.reward, dtype=config.model.dtype, cache_dir=cache_dir,
+                                 folder=os.getcwd(), **backend)
 
     def generate(self, prompt_token_ids: list, *, seed: int, greedy: bool = False):
         """Future of the responses (`GenerationResult`) from the rollout role when there is one,
         else from the actor's own engines."""
         if self.rollout is not None:
-            from stema.roles.disaggregated import RolloutWorker
+            from stema.roles.rollout import RolloutWorker
 
             return self.rollout.submit(RolloutWorker.generate, prompt_token_ids, seed=seed, greedy=greedy)
         return self.actor.submit(ActorWorker.generate, prompt_token_ids, seed=seed, greedy=greedy)
@@ -362,21 +384,6 @@ class PPOController:
             self.run.say(f"exported the critic to {critic}")
 
 
-def check_policy_generation(config: PPOConfig, model_path) -> None:
-    """Before any role starts: a policy family the rollout engine does not serve is generated with
-    transformers' `generate` on the actor's policy, which some settings rule out (ConfigError
-    naming the setting; `stema.roles.workers.check_generation_fallback`)."""
-    import json
-
-    from stema.roles.workers import check_generation_fallback
-    from stema.rollout.architecture import SUPPORTED_MODEL_TYPES
-
-    model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        check_generation_fallback(config, f"the rollout engine does not serve {model_type!r} models "
-                                          f"(it serves {', '.join(SUPPORTED_MODEL_TYPES)})")
-
-
 def run(config: PPOConfig, *, command: str = "ppo") -> PPOResult:
     check_reward_functions(config.reward)  # a bad module:function stops the run before anything loads
     run_info = start_run(config, command=command, data_kind="prompt")
@@ -390,7 +397,7 @@ def run(config: PPOConfig, *, command: str = "ppo") -> PPOResult:
 
     with preparing(run_info):
         model_path = resolve_model_path(config.model, cache_dir=run_info.cache_dir)
-        check_policy_generation(config, model_path)
+        check_ppo_generation(config, model_path)
         tokenizer = load_tokenizer(model_path)
         prompts, eval_prompts = load_splits(run_info, config.data, tokenizer, load_prompts, batch_size=config.trainer.global_batch_size)
         if total_steps < 1:

@@ -4,7 +4,7 @@ section 3.2.3; RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767).
 1. Load the policy (optionally with LoRA) and tokenizer; read the training prompts (and held-out
    prompts from data.eval, when given); prompts longer than data.max_length are dropped and counted.
 2. Build the rollout engine from the policy's weights (before the policy is sharded under
-   torchrun; for a family the engine does not serve, `stema.generation.build_generator` falls back
+   torchrun; `sampling.backend` through `stema.rollout.build_generator`, which for a family the engine does not serve falls back
    to transformers' generate on the policy itself, in one process only) and sample
    `rs.num_samples` responses per prompt (`sampling`: temperature, top-p, top-k). The rows
    (prompt p's samples are rows p*n .. p*n+n-1) go in blocks of `sampling.batch_size`, block b to
@@ -39,12 +39,14 @@ import torch
 
 from stema.config import RSConfig
 from stema.data import TokenizedPrompt, TokenizedSFT, load_prompts
+from stema.data.io import write_jsonl_atomic
 from stema.data.tokenize import IGNORE_INDEX
 from stema.distributed import World, close_world
 from stema.distributed.blocks import spread_blocks
-from stema.generation import build_generator, sampling_params, write_jsonl_atomic
 from stema.models.loading import load_policy
 from stema.rewards import Reward, check_reward_functions
+from stema.rollout import build_generator
+from stema.rollout.factory import sampling_params
 from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 from stema.trainers.sft import SFTAlgorithm
 
@@ -124,8 +126,6 @@ def greedy_reward(engine, tokenizer, items: Sequence[TokenizedPrompt], reward: R
 
 
 def run(config: RSConfig) -> RSSummary:
-    from stema.distributed.role_model import engine_refitter
-
     check_reward_functions(config.reward)  # a bad module:function stops the run before anything loads
     run_info = start_run(config, command="rs", data_kind="prompt")
     world = run_info.world
@@ -139,10 +139,11 @@ def run(config: RSConfig) -> RSSummary:
     repeated = [item for item in train_prompts for _ in range(n)]  # prompt p's samples at rows p*n .. p*n+n-1
     longest = max(len(item.input_ids) for item in train_prompts + eval_prompts)
     # Built from the whole model, before it is sharded; refitted from the shards after the SFT.
-    engine = build_generator(model, max_batch=min(config.sampling.batch_size, len(repeated)),
-                             max_total_len=longest + config.sampling.max_new_tokens, world=world, say=run_info.say)
+    engine = build_generator(model, config.sampling, max_batch=min(config.sampling.batch_size, len(repeated)),
+                             max_total_len=longest + config.sampling.max_new_tokens, world=world, say=run_info.say,
+                             field="sampling.backend")
     model = place_model(run_info, config, model)
-    refitter = engine_refitter(engine, model, world=world)
+    refitter = engine.refitter(model, world=world)
     reward = Reward.from_config(config.reward, dtype=config.model.dtype, device=run_info.device, cache_dir=run_info.cache_dir)
     with world.failures_named():
         before = greedy_reward(engine, tokenizer, eval_prompts, reward, config.sampling, world=world) if eval_prompts else None

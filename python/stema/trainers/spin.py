@@ -4,8 +4,9 @@
    completion; the prompt is everything before the first trained token) and the held-out data.
 2. Build the rollout engine once, from the policy's weights before the policy is sharded under
    torchrun (FSDP2 data parallel), with room for the longest prompt plus `sampling.max_new_tokens`
-   (for a family the engine does not serve, `stema.generation.build_generator` falls back to
-   transformers' generate on the policy itself, in one process only; its refit copies nothing).
+   (`sampling.backend` through `stema.rollout.build_generator`; for a family the engine does not
+   serve it falls back to transformers' generate on the policy itself, in one process only; its
+   refit copies nothing).
 3. Iteration t = 1..`spin.iterations`:
    a. refit the engine with the current (gathered) weights and generate one response per training
       prompt (`sampling`; the model's own answer). The prompts go in blocks of
@@ -51,9 +52,10 @@ from stema.data import TokenizedPair, TokenizedSFT, collate_sft, load_sft_data
 from stema.data.tokenize import IGNORE_INDEX
 from stema.distributed import World, close_world
 from stema.distributed.blocks import spread_blocks
-from stema.generation import build_generator, sampling_params
 from stema.losses import uses_reference
 from stema.models.loading import eval_mode, load_policy
+from stema.rollout import build_generator
+from stema.rollout.factory import sampling_params
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.logging import read_metrics
 from stema.training.loop import autocast_context, to_device
@@ -123,8 +125,6 @@ def append_iteration_metrics(output_dir: Path, iteration_dir: str | Path, *, ite
 
 
 def run(config: SPINConfig) -> dict:
-    from stema.distributed.role_model import engine_refitter
-
     run_info = start_run(config, command="spin", data_kind="sft")
     world = run_info.world
     if world.is_main:
@@ -137,10 +137,11 @@ def run(config: SPINConfig) -> dict:
 
     longest = max(len(prompt) for prompt in prompts + [example.input_ids for example in eval_examples or []])
     # Built from the whole model, before it is sharded; refitted from the shards.
-    engine = build_generator(model, max_batch=config.sampling.batch_size, max_total_len=longest + config.sampling.max_new_tokens,
-                             world=world, say=run_info.say)
+    engine = build_generator(model, config.sampling, max_batch=config.sampling.batch_size,
+                             max_total_len=longest + config.sampling.max_new_tokens, world=world, say=run_info.say,
+                             field="sampling.backend")
     model = place_model(run_info, config, model)
-    refitter = engine_refitter(engine, model, world=world)
+    refitter = engine.refitter(model, world=world)
     greedy = sampling_params(config.sampling, greedy=True)
     measure = dict(pad_id=tokenizer.pad_token_id, batch_size=config.trainer.micro_batch_size, params=greedy, world=world,
                    block_size=config.sampling.batch_size)

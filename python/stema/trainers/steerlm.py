@@ -29,12 +29,12 @@ import torch
 
 from stema.config import AnnotateConfig, ConfigError, GenerateConfig, SteerLMConfig
 from stema.data import AttributeExample, read_examples, tokenize_attributes
+from stema.data.io import write_jsonl_atomic
 from stema.data.steerlm import condition_prompt, format_attributes, load_steered_sft_data, parse_attributes
 from stema.data.tokenize import LengthReport, encode_prompt
-from stema.generation import generate as generate_responses
-from stema.generation import write_jsonl_atomic
 from stema.models.loading import check_model_folders, load_policy, load_tokenizer, resolve_model_path
 from stema.rewards import score_sequences
+from stema.rollout.factory import generate_once
 from stema.training import TrainResult
 from stema.distributed import World
 from stema.training.setup import Run, report_data, seed_everything
@@ -104,7 +104,7 @@ def generate(config: GenerateConfig) -> Path:
         values = parse_attributes(config.generate.attributes, min_value=config.steer.min_value, max_value=config.steer.max_value)
         prompts = [condition_prompt(prompt, format_attributes(values)) for prompt in prompts]
     prompt_ids = [encode_prompt(prompt, tokenizer) for prompt in prompts]
-    batch = generate_responses(model, tokenizer, prompt_ids, config.sampling, say=run_info.say)
+    batch = generate_once(model, tokenizer, prompt_ids, config.sampling, say=run_info.say)
     rows = (
         {"prompt": prompt, "completion": sequence.text, "finish_reason": sequence.finish_reason}
         for prompt, sequence in zip(prompts, batch.sequences)

@@ -148,7 +148,7 @@ def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Modul
     ranks share: the policy, a frozen reference): `distributed.role_model.place_on_world`, which
     places LoRA models too and refuses them with tensor parallel. (`rs` and `spin` refuse LoRA
     under several processes when they build their engine's refitter:
-    `distributed.role_model.engine_refitter`.) With `distributed.pp_size > 1`, this rank's
+    `stema.rollout.bucketed.engine_refitter`.) With `distributed.pp_size > 1`, this rank's
     pipeline stages of the model (`stema.distributed.pipeline.place_pipeline`)."""
     from stema.distributed.role_model import place_on_world
 

@@ -1,7 +1,12 @@
-"""Disaggregated placement: the rollout engines in Ray actors of their own (the rollout role), on
+"""The rollout role and PPO's generation through rollout engines.
+
+`build_engines` and `generate_with_pool` are how both the actor (placement colocated: its own
+engines) and the rollout workers generate; `GenerationResult` is what they return.
+
+Placement disaggregated: the rollout engines in Ray actors of their own (the rollout role), on
 devices of their own, refitted from the actor after every update.
 
-    rollout = start_rollout_role(config, cache_dir=..., timeout_s=600)     # roles.rollout_workers actors
+    rollout = start_rollout_role(workers=2, timeout_s=600, **rollout_arguments(config), cache_dir=...)
     receivers = engine_receivers(rollout, timeout_s=600)                   # given to every actor rank
     actor = start_role("actor", ActorWorker, ..., engine_receivers=receivers)
     generation = rollout.submit(RolloutWorker.generate, prompts, seed=7).result()   # prompts split by rows
@@ -12,7 +17,7 @@ dropped once they hold its weights): no trainer model, no optimizer. Its KV cach
 nothing else uses its device. Several rollout workers split the prompts by rows (`split_rows`);
 inside one worker the kernel `Scheduler` balances its engines.
 
-Refit (`RemoteEngineRefitter`, run by every rank of the actor): the actor's weights are gathered
+Refit (`remote_refitter`, a `stema.rollout.RemoteRefitter` run by every rank of the actor): the actor's weights are gathered
 whole a bucket at a time (`WeightBuckets`, `roles.refit_bucket_mb`); rank 0 hands each bucket to
 `send_bucket` and waits until every rollout worker has copied it into its engines with the
 `refit_` kernel (`RolloutWorker.load_bucket`: in place, into buffers whose addresses never change,
@@ -28,15 +33,88 @@ would replace these two functions only (not built yet).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from stema.config import PPOConfig
+from stema.config import ModelConfig, RolloutConfig
 
+from .common import role_device
 from .groups import GroupFuture, RayGroupHandle, RowBlock, rank_zero, split_rows, start_group
-from .workers import GenerationResult, build_engines, generate_with_pool, merge_generations, role_device
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What `ActorWorker.generate` returns: the rollouts in prompt order and how generation went."""
+
+    rollouts: list  # list[stema.rollout.Rollout]
+    texts: list[str]
+    seconds: float
+    worker_prompts: list[int]  # prompts each engine generated (the scheduler's hand-out)
+    worker_seconds: list[float]
+
+
+def merge_generations(results: list[GenerationResult]) -> GenerationResult:
+    """The ranks' generations (each a block of the prompts) as one, in prompt order; the seconds
+    are the slowest rank's, the engines listed rank by rank."""
+    return GenerationResult(
+        rollouts=[rollout for result in results for rollout in result.rollouts],
+        texts=[text for result in results for text in result.texts],
+        seconds=max(result.seconds for result in results),
+        worker_prompts=[count for result in results for count in result.worker_prompts],
+        worker_seconds=[seconds for result in results for seconds in result.worker_seconds],
+    )
+
+
+def build_engines(model: torch.nn.Module, rollout_cfg: RolloutConfig, *, max_prompt_length: int, world=None) -> list:
+    """`rollout.num_engines` generators of `rollout.backend` (`stema.rollout.build_generator`)
+    holding copies of `model`'s weights, in `rollout.engine_dtype`, sized for `rollout.max_batch`
+    prompts of `max_prompt_length` tokens plus `rollout.max_new_tokens`. A generator that uses the
+    live model (transformers' generate: the `hf` backend, or `stema`'s fallback for a family the
+    engine does not serve) needs one engine, which `stema.rollout.factory.check_ppo_generation`
+    checks before the roles start."""
+    from stema.rollout import build_generator
+    from stema.rollout.factory import engine_dtype
+
+    rollout = rollout_cfg
+    dtype = engine_dtype(rollout.engine_dtype)
+    max_total_len = max_prompt_length + rollout.max_new_tokens
+    return [build_generator(model, rollout, world=world, max_batch=rollout.max_batch, max_total_len=max_total_len, dtype=dtype)
+            for _ in range(rollout.num_engines)]
+
+
+def generate_with_pool(pool, tokenizer: Any, rollout_cfg: RolloutConfig, prompt_token_ids: Sequence[Sequence[int]], *, seed: int,
+                       greedy: bool, first: int) -> GenerationResult:
+    """Responses to the prompts from a `RolloutPool` under `rollout_cfg`'s sampling settings.
+    `first` is the index of the block's first prompt in the whole list (one rank's or rollout
+    worker's block): every prompt samples from the stream of its index in the whole list
+    (`SamplingParams.for_block`), so a block samples exactly what one process sampling the whole
+    list does."""
+    from stema.rollout import SamplingParams
+
+    if not prompt_token_ids:  # a rank or worker given no prompts
+        return GenerationResult(rollouts=[], texts=[], seconds=0.0, worker_prompts=[0] * len(pool.engines),
+                                worker_seconds=[0.0] * len(pool.engines))
+    rollout = rollout_cfg
+    params = SamplingParams(
+        temperature=0.0 if greedy else rollout.temperature,
+        top_p=rollout.top_p,
+        top_k=rollout.top_k,
+        max_new_tokens=rollout.max_new_tokens,
+        stop_strings=tuple(rollout.stop_strings),
+        seed=seed,
+    ).for_block(first)
+    started = time.perf_counter()
+    result = pool.generate([list(prompt) for prompt in prompt_token_ids], params, tokenizer=tokenizer)
+    return GenerationResult(
+        rollouts=result.batch.sequences,
+        texts=[sequence.text for sequence in result.batch.sequences],
+        seconds=time.perf_counter() - started,
+        worker_prompts=[stats.prompts for stats in result.worker_stats],
+        worker_seconds=[stats.seconds for stats in result.worker_stats],
+    )
 
 
 class RolloutWorker:
@@ -48,21 +126,21 @@ class RolloutWorker:
             buffer) it fills}; built once, used by every `load_bucket`.
     """
 
-    def __init__(self, *, config: PPOConfig, cache_dir: str):
+    def __init__(self, *, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, max_prompt_length: int, cache_dir: str):
         from stema.models.loading import load_policy
         from stema.rollout import RolloutPool
         from stema.rollout.architecture import unwrap_hf_model
         from stema.rollout.refit import weight_pairs
 
-        self.config = config
+        self.rollout_cfg = rollout_cfg
         self.device = role_device()
-        model, self.tokenizer = load_policy(config.model, cache_dir=cache_dir)
+        model, self.tokenizer = load_policy(model_cfg, cache_dir=cache_dir)
         model.to(self.device)
-        self.engines = build_engines(model, config)
+        self.engines = build_engines(model, rollout_cfg, max_prompt_length=max_prompt_length)
         self.slots = [{hf_name: view for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)}
                       for engine in self.engines]
         del model  # the engines hold the weights now
-        self.pool = RolloutPool(self.engines, max_batch=config.rollout.max_batch)
+        self.pool = RolloutPool(self.engines, max_batch=rollout_cfg.max_batch)
 
     def ready(self) -> bool:
         return True
@@ -76,7 +154,7 @@ class RolloutWorker:
                  row_block: RowBlock | None = None) -> GenerationResult:
         """Responses to the prompts (this worker's `row_block` of them), load-balanced over the
         engines by the scheduler (`generate_with_pool`)."""
-        return generate_with_pool(self.pool, self.tokenizer, self.config, prompt_token_ids, seed=seed, greedy=greedy,
+        return generate_with_pool(self.pool, self.tokenizer, self.rollout_cfg, prompt_token_ids, seed=seed, greedy=greedy,
                                   first=row_block.start if row_block is not None else 0)
 
     @torch.no_grad()
@@ -133,11 +211,12 @@ class EngineReceivers:
     timeout_s: float
 
 
-def start_rollout_role(config: PPOConfig, *, cache_dir: str, timeout_s: float, ray_address: str = "") -> RayGroupHandle:
-    """The rollout role: `roles.rollout_workers` Ray actors, each a `RolloutWorker`, one per bundle
-    of a placement group (a GPU each on GPU machines, a token CPU share on the CPU)."""
-    return start_group("rollout", RolloutWorker, workers=config.roles.rollout_workers, timeout_s=timeout_s,
-                       ray_address=ray_address, config=config, cache_dir=cache_dir)
+def start_rollout_role(*, workers: int, timeout_s: float, ray_address: str = "", **worker_kwargs: Any) -> RayGroupHandle:
+    """The rollout role: `workers` (`roles.rollout_workers`) Ray actors, each a
+    `RolloutWorker(**worker_kwargs)`, one per bundle of a placement group (a GPU each on GPU
+    machines, a token CPU share on the CPU)."""
+    return start_group("rollout", RolloutWorker, workers=workers, timeout_s=timeout_s, ray_address=ray_address,
+                       **worker_kwargs)
 
 
 def engine_receivers(rollout: RayGroupHandle, *, timeout_s: float) -> EngineReceivers:
@@ -145,23 +224,15 @@ def engine_receivers(rollout: RayGroupHandle, *, timeout_s: float) -> EngineRece
                            timeout_s=timeout_s)
 
 
-class RemoteEngineRefitter:
-    """The actor side of the disaggregated refit (module docstring): `refit()` on every rank of the
-    actor gathers the weights bucket by bucket; rank 0 sends each to the rollout workers and waits
-    for them before the next. `model` may be FSDP2-sharded or plain (one actor worker)."""
+def remote_refitter(model: torch.nn.Module, receivers: EngineReceivers, *, bucket_bytes: int, world):
+    """The actor side of the disaggregated refit (module docstring): a `stema.rollout.RemoteRefitter`
+    whose `refit()`, on every rank of the actor, gathers the weights bucket by bucket; rank 0 sends
+    each to the rollout workers (`send_bucket`) and waits for them before the next. `model` may be
+    FSDP2-sharded or plain (one actor worker)."""
+    from stema.rollout.remote import RemoteRefitter
 
-    def __init__(self, model: torch.nn.Module, receivers: EngineReceivers, *, bucket_bytes: int, world):
-        from stema.distributed.role_model import WeightBuckets
+    def send_and_wait(bucket: dict[str, torch.Tensor]) -> None:
+        calls = send_bucket(bucket, receivers.members)
+        GroupFuture("rollout", "load_bucket", calls, rank_zero, timeout_s=receivers.timeout_s).result()
 
-        self.receivers = receivers
-        self.world = world
-        self.weights = WeightBuckets(model, receivers.layout, bucket_bytes=bucket_bytes)
-        self.sent_buckets = 0
-
-    def refit(self) -> None:
-        for start, stop, tensors in self.weights.gathered():
-            if self.world.rank != 0:
-                continue
-            calls = send_bucket(dict(zip(self.weights.names[start:stop], tensors)), self.receivers.members)
-            GroupFuture("rollout", "load_bucket", calls, rank_zero, timeout_s=self.receivers.timeout_s).result()
-            self.sent_buckets += 1
+    return RemoteRefitter(model, receivers.layout, send=send_and_wait, bucket_bytes=bucket_bytes, world=world)

@@ -1,0 +1,74 @@
+"""Refit of a `GenerationEngine` from an FSDP2-sharded trainer model, and the choice of an engine's
+refitter.
+
+    refitter = engine.refitter(model, world=world, bucket_bytes=256 << 20)   # engine_refitter below
+    refitter.refit()          # every rank: gathers bucket by bucket, copies into its engine in place
+
+`BucketedRefitter` gathers the model's weights whole a bucket at a time
+(`stema.distributed.role_model.WeightBuckets`) and copies each bucket into the engine's buffers with
+the `refit_` kernel; `engine_refitter` picks it when the world has several ranks, else the plain
+`EngineRefitter` (`stema.rollout.refit`, which also merges LoRA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .architecture import decoder_spec_from_hf, unwrap_hf_model
+from .refit import EngineRefitter, check_same_architecture, weight_pairs
+
+
+class BucketedRefitter:
+    """Copies a (possibly FSDP2-sharded) trainer model's weights into a `GenerationEngine` in the
+    same process, in place, a `WeightBuckets` bucket at a time: a rank holds at most one bucket of
+    gathered weights beyond its shards and its engine.
+
+    The engine must have been built for the same architecture (e.g. `GenerationEngine.from_hf` on
+    the model before it was sharded); the weight-to-engine mapping is the plain `EngineRefitter`'s
+    (`weight_pairs`), and each bucket is copied (and cast) by the `refit_` kernel. LoRA models are refused: the buckets carry the base weights, not merged adapters.
+
+    Attributes:
+        views: the engine view each weight of `weights.names` fills.
+        weights: the `WeightBuckets` (its `buckets` and `last_peak_bytes`).
+    """
+
+    def __init__(self, engine, model: torch.nn.Module, *, bucket_bytes: int):
+        from stema.distributed.role_model import WeightBuckets
+        from stema.models.loading import is_lora_model
+
+        if is_lora_model(model):
+            raise ValueError("BucketedRefitter refits whole weights, not merged LoRA adapters; the engine would "
+                             "generate with the base weights")
+        check_same_architecture(engine.spec, decoder_spec_from_hf(model))
+        self.engine = engine
+        pairs = [(hf_name, view) for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)]
+        self.views = [view for _, view in pairs]
+        self.weights = WeightBuckets(model, [(hf_name, tuple(view.shape)) for hf_name, view in pairs],
+                                     bucket_bytes=bucket_bytes)
+
+    @torch.no_grad()
+    def refit(self) -> None:
+        """Write the model's current weights into the engine's buffers, bucket by bucket (every rank)."""
+        from stema_kernels import refit_
+
+        for start, stop, tensors in self.weights.gathered():
+            views = self.views[start:stop]
+            refit_(views, [tensor.to(view.device) for tensor, view in zip(tensors, views)])
+
+
+def engine_refitter(engine, model: torch.nn.Module, *, world=None, bucket_bytes: int = 256 << 20):
+    """The refitter that keeps `engine` (built by `stema.rollout.build_generator` on `model` before
+    `place_on_world`) up to date with `model`: a `BucketedRefitter` gathering the FSDP2 shards when
+    `world` (a `stema.distributed.World`; None: one process) has several ranks (every rank calls
+    `refit()`), else the plain `EngineRefitter` (which also merges LoRA). A LoRA model with several
+    ranks raises ConfigError naming `model.lora` (the buckets do not merge adapters)."""
+    from stema.config import ConfigError
+    from stema.models.loading import is_lora_model
+
+    distributed = world is not None and world.distributed
+    if distributed and is_lora_model(model):
+        raise ConfigError(f"model.lora: stema {world.role} with LoRA runs in one process only (its generation engine is "
+                          "refit from the shards without the adapters); run it in one process")
+    if distributed:
+        return BucketedRefitter(engine, model, bucket_bytes=bucket_bytes)
+    return EngineRefitter(engine, model)
