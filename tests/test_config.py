@@ -157,3 +157,31 @@ def test_grpo_help_prints_grpos_defaults(capsys):
         main(["ppo", "--help"])
     text = capsys.readouterr().out
     assert "rollout.samples_per_prompt (an int, default 1)" in text and "ppo.kl_estimator (one of 'k1', 'k2', 'k3', default 'k1')" in text
+
+
+def test_the_readmes_example_estimator_centres_each_group_without_scaling():
+    """examples/plugins/dr_grpo.py (the README's `--import` example), in a process of its own (it
+    registers a name): its advantages are GRPO's times each group's standard deviation (+ eps)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import torch
+from stema.losses.advantages import AdvantageInputs, estimate_advantages
+import examples.plugins.dr_grpo
+
+scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.0])
+groups = torch.tensor([7, 7, 7, 3, 3, 3, 9, 9])
+mask = torch.ones(8, 3, dtype=torch.bool)
+rewards = torch.zeros(8, 3)
+rewards[:, -1] = scores
+inputs = AdvantageInputs(token_rewards=rewards, mask=mask, values=None, group_ids=groups)
+dr, _ = estimate_advantages("dr_grpo", inputs)
+grpo, _ = estimate_advantages("grpo", inputs)
+std = torch.stack([scores[groups == g].std() for g in groups.tolist()])
+assert torch.allclose(dr, grpo * (std + inputs.eps)[:, None], atol=1e-6), (dr, grpo)
+assert torch.allclose(dr[:3, 0], torch.tensor([2 / 3, -1 / 3, -1 / 3]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

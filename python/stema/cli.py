@@ -165,12 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+def command_config(args: argparse.Namespace) -> tuple[Command, Any]:
+    """The command that parsed `args` names and its config: defaults, the `-c` file, then the
+    overrides (the demo's --out/--stages and generate's --attributes among them), type-checked
+    and validated without running anything. ConfigError when a key or value is wrong."""
     command = COMMANDS[args.command]
     overrides = list(args.overrides)
     if command.name == "demo":
@@ -178,11 +176,20 @@ def main(argv: list[str] | None = None) -> int:
         overrides += [f"stages={args.stages}"] if args.stages else []
     if command.name == "generate" and args.attributes:
         overrides.append(f"generate.attributes='{args.attributes}'")
+    return command, load_config(command.config_class(), args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
     try:
         import_modules(args.imports)
-        config = load_config(command.config_class(), args.config, overrides)
+        command, config = command_config(args)
     except ConfigError as error:
-        print(f"stema {command.name}: config error: {error}", file=sys.stderr)
+        print(f"stema {args.command}: config error: {error}", file=sys.stderr)
         return 2
     try:
         command.run(config)

@@ -71,7 +71,7 @@ DPO_SFT_LOSS_WEIGHT = 1.0
 # `sft_steps=2400`) GRPO runs of 60-200 steps, 16-64 prompts, lr 1e-4..5e-4 ended between -6 and
 # +2 points (lr 1e-3 collapsed), while 200 more supervised steps at lr 2e-4 gave +2; from 1800-step
 # SFT models, 300 steps of 32 prompts x 8 (GRPO, its digit reward, or GAE) gave +3.7..+5.9 on seed 0
-# (22.5%) and -1.0..+0.4 on seed 1 (11.7%). See the README's PPO section.
+# (22.5%) and -1.0..+0.4 on seed 1 (11.7%). See docs/demo.md.
 PPO_LR = 1e-4
 PPO_SAMPLES = 8
 PPO_PROMPTS = 16
