@@ -26,7 +26,9 @@ For each seed:
 Wall time: TRL's `train()` (its reference log-probs and generation included; loading the model
 and saving it are not) and STEMA's stage without its evaluation (set-up, loading, tokenizing,
 training and the Hugging Face export included, so STEMA's figure holds more work), measured one
-after the other in one process; on a shared machine record `uptime`.
+after the other in one process, with the process's CPU seconds (all threads) beside them: on a
+shared machine the CPU seconds are the steadier figure (run with OMP_NUM_THREADS=1), and record
+`uptime`.
 Goal (issue 14): STEMA at least as accurate as TRL within the seed-to-seed spread, at at least 2x
 TRL's speed.
 
@@ -38,6 +40,7 @@ Not in run_all.py: a full comparison takes minutes per seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -59,29 +62,51 @@ def demo_state(folder: Path, seed: int, quick: bool):
     return demo
 
 
-def timed(fn) -> tuple[object, float]:
-    started = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - started
+class Clock:
+    """Wall and CPU seconds (this process, all its threads) of the work done inside `running()`,
+    less what is done inside `paused()` (a stage's own evaluation of its model)."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    @contextlib.contextmanager
+    def running(self, sign: float = 1.0):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall += sign * (time.perf_counter() - wall)
+            self.cpu += sign * (time.process_time() - cpu)
+
+    def paused(self):
+        return self.running(sign=-1.0)
 
 
-def stema_stage(demo, stage) -> tuple[float, float]:
-    """(held-out exact match, seconds) of one of the demo's stages run from its SFT model; the
-    seconds leave out the stage's own evaluation of the trained model (as TRL's do)."""
+def stema_stage(demo, stage) -> tuple[float, Clock]:
+    """(held-out exact match, clock) of one of the demo's stages run from its SFT model; the clock
+    leaves out the stage's own evaluation of the trained model (as TRL's leaves out its scoring)."""
     demo.policy_path = demo.sft_path
-    evaluate, evaluations = demo.policy_scores, []
+    clock, evaluate = Clock(), demo.policy_scores
 
-    def timed_evaluation(path: Path) -> dict:
-        values, seconds = timed(lambda: evaluate(path))
-        evaluations.append(seconds)
-        return values
+    def evaluation(path: Path) -> dict:
+        with clock.paused():
+            return evaluate(path)
 
-    demo.policy_scores = timed_evaluation
+    demo.policy_scores = evaluation
     try:
-        values, seconds = timed(lambda: stage(demo))
+        with clock.running():
+            values = stage(demo)
     finally:
         del demo.policy_scores  # the method again
-    return values["accuracy"], seconds - sum(evaluations)
+    return values["accuracy"], clock
+
+
+def trained(trainer) -> Clock:
+    """The clock of TRL's `trainer.train()`."""
+    clock = Clock()
+    with clock.running():
+        trainer.train()
+    return clock
 
 
 def trl_common(output_dir: Path, *, seed: int, steps: int, lr: float) -> dict:
@@ -97,7 +122,7 @@ def scored(demo, trainer, folder: Path) -> float:
     return demo.policy_scores(folder)["accuracy"]
 
 
-def trl_grpo(demo, folder: Path) -> tuple[float, float]:
+def trl_grpo(demo, folder: Path) -> tuple[float, Clock]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -121,8 +146,8 @@ def trl_grpo(demo, folder: Path) -> tuple[float, float]:
         train_dataset=Dataset.from_list(builtin.prompt_records(cfg.num_train, cfg.seed)),
         processing_class=AutoTokenizer.from_pretrained(demo.sft_path),
     )
-    _, seconds = timed(trainer.train)
-    return scored(demo, trainer, folder / "trl-grpo" / "hf"), seconds
+    clock = trained(trainer)
+    return scored(demo, trainer, folder / "trl-grpo" / "hf"), clock
 
 
 def mean_chosen_tokens(demo) -> float:
@@ -135,7 +160,7 @@ def mean_chosen_tokens(demo) -> float:
     return statistics.fmean(sum(label != IGNORE_INDEX for label in pair.chosen_labels) for pair in pairs)
 
 
-def trl_dpo(demo, folder: Path) -> tuple[float, float]:
+def trl_dpo(demo, folder: Path) -> tuple[float, Clock]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -157,8 +182,8 @@ def trl_dpo(demo, folder: Path) -> tuple[float, float]:
         model=AutoModelForCausalLM.from_pretrained(demo.sft_path), args=args, train_dataset=Dataset.from_list(records),
         processing_class=AutoTokenizer.from_pretrained(demo.sft_path),
     )
-    _, seconds = timed(trainer.train)
-    return scored(demo, trainer, folder / "trl-dpo" / "hf"), seconds
+    clock = trained(trainer)
+    return scored(demo, trainer, folder / "trl-dpo" / "hf"), clock
 
 
 def compare(seed: int, *, quick: bool) -> dict:
@@ -173,22 +198,24 @@ def compare(seed: int, *, quick: bool) -> dict:
         demo = demo_state(folder, seed, quick)
         result = {"seed": seed, "sft_accuracy": demo.results["sft"]["accuracy"]}
         for algorithm, stage, trl_run in (("grpo", demo_module.stage_ppo, trl_grpo), ("dpo", demo_module.stage_dpo, trl_dpo)):
-            stema_accuracy, stema_seconds = stema_stage(demo, stage)
-            trl_accuracy, trl_seconds = trl_run(demo, folder)
+            stema_accuracy, stema = stema_stage(demo, stage)
+            trl_accuracy, trl = trl_run(demo, folder)
             result[algorithm] = {"stema_accuracy": stema_accuracy, "trl_accuracy": trl_accuracy,
-                                 "stema_seconds": stema_seconds, "trl_seconds": trl_seconds,
-                                 "speedup": trl_seconds / stema_seconds}
+                                 "stema_seconds": stema.wall, "trl_seconds": trl.wall, "speedup": trl.wall / stema.wall,
+                                 "stema_cpu_seconds": stema.cpu, "trl_cpu_seconds": trl.cpu, "cpu_speedup": trl.cpu / stema.cpu}
     return result
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| seed | algorithm | SFT exact match | STEMA exact match | TRL exact match | STEMA s | TRL s | speed-up (TRL s / STEMA s) |",
+    lines = ["| seed | algorithm | SFT exact match | STEMA exact match | TRL exact match | STEMA wall s (CPU s) | TRL wall s (CPU s) "
+             "| speed-up, wall (CPU) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result in results:
         for algorithm in ("grpo", "dpo"):
             row = result[algorithm]
             lines.append(f"| {result['seed']} | {algorithm} | {result['sft_accuracy']:.1%} | {row['stema_accuracy']:.1%} | "
-                         f"{row['trl_accuracy']:.1%} | {row['stema_seconds']:.1f} | {row['trl_seconds']:.1f} | {row['speedup']:.2f} |")
+                         f"{row['trl_accuracy']:.1%} | {row['stema_seconds']:.1f} ({row['stema_cpu_seconds']:.1f}) | "
+                         f"{row['trl_seconds']:.1f} ({row['trl_cpu_seconds']:.1f}) | {row['speedup']:.2f} ({row['cpu_speedup']:.2f}) |")
     return "\n".join(lines)
 
 
