@@ -42,7 +42,7 @@ from .world import World
 PIPELINE_SEAMS: dict[str, Callable[..., Callable[[int], Any]]] = {}
 
 # commands whose training loss can be computed from the last stage's outputs (loss_from_logits)
-PIPELINE_COMMANDS = ("sft", "dpo", "steerlm", "rm")
+PIPELINE_COMMANDS = ("sft", "dpo", "kto", "steerlm", "rm")
 
 
 def register_pipeline_seam(family: str) -> Callable:

@@ -23,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import stema_kernels
+from stema.distributed.pipeline import is_pipelined
 from stema.models.loading import disable_adapters, is_lora_model, unwrap_lora
 
 IGNORE_INDEX = -100
@@ -118,6 +120,20 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, *, avera
     if not average:
         return total
     return total / mask.sum(-1).clamp(min=1)
+
+
+@torch.no_grad()
+def batched_sequence_logprobs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], *, average: bool,
+                              token_logprobs: Callable) -> list[torch.Tensor]:
+    """Sequence log-probs `[rows]` of each batch (on the device) without gradients: through the
+    model's pipeline stages when it has them (`Pipeline.forward_only`; every rank of the pipeline
+    group gets all the values, on the CPU), else from `token_logprobs(batch)` (the model's
+    `(token log-probs, mask)`: `completion_token_logprobs`, or a reference's `token_logprobs`)."""
+    if is_pipelined(model):
+        return model.pipeline.forward_only(
+            batches, output_of=lambda logits, batch: sequence_logprobs(*logits_token_logprobs(logits, batch), average=average).cpu()
+        )
+    return [sequence_logprobs(*token_logprobs(batch), average=average) for batch in batches]
 
 
 class ReferenceModel:
