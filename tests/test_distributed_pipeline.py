@@ -236,6 +236,9 @@ def test_pipeline_stage_layers_split_evenly():
     assert stage_layers(4, 4) == [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]
 
 
+ROLE_STAGES = ["roles.backend=ray", "roles.actor_workers=2", "roles.critic_workers=2"]
+
+
 @pytest.mark.parametrize("cls, command, overrides, keys", [
     (SFTConfig, "sft", ["distributed.pp_size=3"], ["distributed.pp_size=3", "world size 4"]),
     (SFTConfig, "sft", ["distributed.pp_size=2", "model.lora.enabled=true"], ["model.lora", "distributed.pp_size=2"]),
@@ -249,6 +252,14 @@ def test_pipeline_stage_layers_split_evenly():
     (DPOConfig, "dpo", ["distributed.pp_size=2"], ["preference.precompute_ref_logprobs", "distributed.pp_size=2"]),
     (KTOConfig, "kto", ["distributed.pp_size=2", "model.lora.enabled=true"], ["model.lora", "distributed.pp_size=2"]),
     (PPOConfig, "ppo", ["distributed.pp_size=2", "reward.function=builtin"], ["distributed.pp_size=2", "roles.actor_workers"]),
+    (PPOConfig, "ppo", ["distributed.pp_size=2", "reward.function=builtin", *ROLE_STAGES, "roles.critic_workers=1"],
+     ["roles.critic_workers", "distributed.pp_size=2"]),
+    (PPOConfig, "grpo", ["distributed.pp_size=2", "reward.function=builtin", *ROLE_STAGES, "ppo.advantage=grpo",
+                         "rollout.samples_per_prompt=2", "roles.placement=disaggregated"], ["roles.placement"]),
+    (PPOConfig, "grpo", ["distributed.pp_size=2", "reward.function=builtin", *ROLE_STAGES, "ppo.advantage=grpo",
+                         "rollout.samples_per_prompt=2", "distributed.pp_microbatches=2"], ["distributed.pp_microbatches"]),
+    (PPOConfig, "grpo", ["distributed.pp_size=2", "reward.function=builtin", *ROLE_STAGES, "ppo.advantage=grpo",
+                         "rollout.samples_per_prompt=2", "rollout.backend=hf"], ["rollout.backend"]),
 ])
 def test_pipeline_settings_that_cannot_run_are_refused_naming_the_keys(untied_llama, cls, command, overrides, keys):
     config = load_config(cls, overrides=[f"model.path={untied_llama}", *overrides])
@@ -291,7 +302,7 @@ behaviour, path = sys.argv[1], sys.argv[2]
 config = load_config(SFTConfig, overrides=[f"model.path={{path}}", "distributed.pp_size=2", "distributed.timeout_s={timeout}",
                                            "trainer.global_batch_size=2", "trainer.micro_batch_size=1", "data.max_length=8"])
 world = init_world(config.distributed, role="sft")
-model = place_pipeline(AutoModelForCausalLM.from_pretrained(path), world, config)
+model = place_pipeline(AutoModelForCausalLM.from_pretrained(path), world, config.distributed, microbatches=2, length=8)
 ids = torch.arange(3, 11).reshape(1, 8)
 batches = [dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)] * 2
 loss_of = lambda logits, batch: (-logits_token_logprobs(logits, batch)[0].sum() / 14, {{}})

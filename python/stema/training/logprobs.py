@@ -84,13 +84,7 @@ def completion_token_logprobs(
     parts = lm_head_parts(model)
     if parts is None:
         logits = model(**inputs, use_cache=False).logits  # [N, T, V]
-        if temperature == 1.0 and not return_entropy:
-            return logits_token_logprobs(logits, batch)
-        outputs = stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX, **options)
-        if not return_entropy:
-            return outputs, mask
-        logprobs, entropy = outputs
-        return logprobs, mask, entropy * mask
+        return logits_token_logprobs(logits, batch, **options)
     backbone, head = parts
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # [N, T, H]
     logits = head(hidden[mask])  # [M, V], M = labelled positions
@@ -101,12 +95,20 @@ def completion_token_logprobs(
     return _scatter_to(mask, logprobs), mask, _scatter_to(mask, entropy)
 
 
-def logits_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs `[N, T]` fp32, 0 where unlabelled; mask `[N, T]`) from a model's logits
-    `[N, T, V]` computed elsewhere (a pipeline's last stage): what `completion_token_logprobs`
-    returns from the model's full forward."""
+def logits_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, temperature: float = 1.0,
+                          return_entropy: bool = False) -> tuple[torch.Tensor, ...]:
+    """(log-probs `[N, T]` fp32, 0 where unlabelled; mask `[N, T]`), plus the entropy `[N, T]`
+    fp32 (0 where unlabelled) when `return_entropy`, from a model's logits `[N, T, V]` computed
+    elsewhere (a pipeline's last stage): what `completion_token_logprobs` returns from the model's
+    full forward."""
     targets = next_token_labels(batch["labels"])  # [N, T]
-    return stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX), targets != IGNORE_INDEX
+    mask = targets != IGNORE_INDEX
+    outputs = stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX, temperature=temperature,
+                                           return_entropy=return_entropy)
+    if not return_entropy:
+        return outputs, mask
+    logprobs, entropy = outputs
+    return logprobs, mask, entropy * mask
 
 
 def _scatter_to(mask: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
