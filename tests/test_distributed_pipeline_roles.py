@@ -1,5 +1,6 @@
 """Pipeline stages inside PPO's Ray role groups (`distributed.pp_size=2`, gloo, CPU): GRPO with the
-actor as 2 pipeline stages, and PPO with GAE whose actor and critic are each 2 stages, equal the
+actor as 2 pipeline stages (and as 2 stages x 2 data-parallel replicas), and PPO with GAE whose
+actor and critic are each 2 stages, equal the
 same runs with one local process per role, step by step (rewards, losses, grad norms, the critic's
 value loss) and in the exported actor and critic; step 2 samples from engines refitted from the
 stages (each weight gathered on its stage, broadcast over the pipeline group); a checkpoint taken
@@ -27,13 +28,14 @@ import torch
 from test_distributed_pipeline import save_untied
 
 from stema.cli import main
+from stema.config import PPOConfig
 from stema.training.logging import read_metrics
 
 from run_folders import died_after
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 4,
-                                reason="two 2-rank role groups need 4 GPUs (NCCL: one GPU per rank)")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 5,
+                                reason="a 4-rank actor group and the single roles need 5 GPUs (NCCL: one GPU per rank)")
 
 REWARD = '''
 def score(prompt, completion):
@@ -57,6 +59,10 @@ KEYS = {
     "grpo": ("loss", "pg_loss", "kl_loss", "grad_norm", "reward", "kl", "advantage_std", "response_length"),
     "ppo": ("loss", "pg_loss", "grad_norm", "reward", "kl", "critic/vf_loss", "critic/grad_norm", "response_length"),
 }
+# staged run -> (command, extra settings): GRPO also with 2 stages x 2 data-parallel replicas (4 actor
+# ranks), where the random minibatches split unevenly between the replicas, so a replica fills its
+# 4 micro-batches of 1 row with loss-masked copies of its first row
+STAGED = {"grpo": ("grpo", ()), "ppo": ("ppo", ()), "grpo_2x2": ("grpo", ("roles.actor_workers=4",))}
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +87,13 @@ def argv(command, out, folder, *extra):
 
 @pytest.fixture(scope="module")
 def runs(folder):
-    """{command: (local run, staged run)}, each 2 steps with a checkpoint after each."""
-    done = {}
+    """{staged run: (local run, staged run)}, each 2 steps with a checkpoint after each."""
     for command in COMMANDS:
-        local, staged = folder / f"{command}_local", folder / f"{command}_stages"
-        assert main(argv(command, local, folder)) == 0
-        assert main(argv(command, staged, folder, *STAGES)) == 0
-        done[command] = (local, staged)
+        assert main(argv(command, folder / f"{command}_local", folder)) == 0
+    done = {}
+    for name, (command, extra) in STAGED.items():
+        assert main(argv(command, folder / f"{name}_stages", folder, *STAGES, *extra)) == 0
+        done[name] = (folder / f"{command}_local", folder / f"{name}_stages")
     return done
 
 
@@ -124,15 +130,21 @@ def assert_export_matches(exported: Path, reference: Path, start: Path, *, loade
     assert gap <= 1e-2 * moved
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
-def test_role_groups_on_two_pipeline_stages_equal_local_roles(runs, folder, command):
+@pytest.mark.parametrize("name", list(STAGED))
+def test_role_groups_on_two_pipeline_stages_equal_local_roles(runs, folder, name):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    local, staged = runs[command]
+    command = STAGED[name][0]
+    local, staged = runs[name]
     keys = KEYS[command]
     staged_records, local_records = records(staged, keys), records(local, keys)
     assert_same_steps(staged_records, local_records, keys)
     assert local_records[0]["grad_norm"] > 0.1  # the advantages are not all 0: the policy trains
+    if name == "grpo_2x2":  # some minibatch of 4 rows is split unevenly between the replicas' blocks of 4
+        seed = PPOConfig().trainer.seed
+        orders = [torch.randperm(8, generator=generator) for step in range(2)
+                  for generator in [torch.Generator().manual_seed(seed * 1_000_003 + step)] for _ in range(2)]
+        assert any(int((order[start : start + 4] < 4).sum()) != 2 for order in orders for start in (0, 4))
     assert staged_records[1]["engine_logprob_mismatch_max"] < 1e-4  # step 2 sampled from engines refitted from the stages
     assert_export_matches(staged / "hf", local / "hf", folder / "llama", loader=AutoModelForCausalLM.from_pretrained)
     if command == "ppo":  # the critic starts from the policy's backbone with a new value head
