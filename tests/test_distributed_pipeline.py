@@ -182,7 +182,8 @@ def test_pipeline_kto_two_stages_equal_one_process(untied_llama, tmp_path):
     torchrun_cli(2, argv("kto", tmp_path / "pp2", untied_llama, *extra, *pp()))
     assert_same_curve(curve(tmp_path / "pp2"), curve(tmp_path / "one"))
     for kind in ("train", "eval"):
-        one, two = ([(record["step"], record["kl"], record["loss"]) for record in read_metrics(out, kind)] for out in (tmp_path / "one", tmp_path / "pp2"))
+        one, two = ([(record["step"], record["kl"], record["loss"]) for record in read_metrics(out, kind)]
+                    for out in (tmp_path / "one", tmp_path / "pp2"))
         assert [step for step, _, _ in two] == [step for step, _, _ in one]
         assert max(kl for _, kl, _ in one) > 1e-3, one
         for (step, kl_1, loss_1), (_, kl_2, loss_2) in zip(one, two):

@@ -182,8 +182,8 @@ def gathered_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     world = model.pipeline.world
     # cpu_offload would keep only global rank 0's part, which holds the first stage alone
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
-    part = {"model": _on_cpu(model_state), "optimizer": {"state": {name: _on_cpu(values) for name, values in optimizer_state["state"].items()},
-                                                        "param_groups": optimizer_state["param_groups"]}}
+    per_parameter = {name: _on_cpu(values) for name, values in optimizer_state["state"].items()}
+    part = {"model": _on_cpu(model_state), "optimizer": {"state": per_parameter, "param_groups": optimizer_state["param_groups"]}}
     holds_stage = world.rank % (world.dp_size * world.tp_size) == 0  # dp and tp coordinate 0
     parts = [None] * world.world_size if world.rank == 0 else None
     dist.gather_object(part if holds_stage else None, parts, dst=0)
