@@ -288,6 +288,17 @@ def test_pipeline_refusal_comes_before_any_process_group(untied_llama, tmp_path,
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_grpo_role_group_refusal_comes_before_any_role_starts(untied_llama, tmp_path, capsys):
+    """PPO's check runs in `start_run` too: local roles cannot hold stages (exit code 2, one line
+    naming the keys, no run folder)."""
+    argv = ["grpo", f"trainer.output_dir={tmp_path / 'run'}", f"model.path={untied_llama}", "data.train=builtin",
+            "reward.function=builtin", "distributed.pp_size=2"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "roles.actor_workers" in error and "distributed.pp_size=2" in error
+    assert not (tmp_path / "run").exists()
+
+
 TIMEOUT_S = 4
 
 STAGE_SCRIPT = """
