@@ -1,6 +1,7 @@
 """Pipeline stages inside PPO's Ray role groups (`distributed.pp_size=2`, gloo, CPU): GRPO with the
-actor as 2 pipeline stages (and as 2 stages x 2 data-parallel replicas), and PPO with GAE whose
-actor and critic are each 2 stages, equal the
+actor as 2 pipeline stages (also as 2 stages x 2 data-parallel replicas, and interleaved with
+tensor parallel 2 inside each stage), and PPO with GAE whose actor and critic are each 2 stages,
+equal the
 same runs with one local process per role, step by step (rewards, losses, grad norms, the critic's
 value loss) and in the exported actor and critic; step 2 samples from engines refitted from the
 stages (each weight gathered on its stage, broadcast over the pipeline group); a checkpoint taken
@@ -59,10 +60,16 @@ KEYS = {
     "grpo": ("loss", "pg_loss", "kl_loss", "grad_norm", "reward", "kl", "advantage_std", "response_length"),
     "ppo": ("loss", "pg_loss", "grad_norm", "reward", "kl", "critic/vf_loss", "critic/grad_norm", "response_length"),
 }
-# staged run -> (command, extra settings): GRPO also with 2 stages x 2 data-parallel replicas (4 actor
+# staged run -> (command, extra settings). GRPO also with 2 stages x 2 data-parallel replicas (4 actor
 # ranks), where the random minibatches split unevenly between the replicas, so a replica fills its
-# 4 micro-batches of 1 row with loss-masked copies of its first row
-STAGED = {"grpo": ("grpo", ()), "ppo": ("ppo", ()), "grpo_2x2": ("grpo", ("roles.actor_workers=4",))}
+# 4 micro-batches of 1 row with loss-masked copies of its first row; and with the interleaved
+# schedule (4 one-layer stages on 2 pipeline ranks), each stage tensor parallel over 2 ranks
+STAGED = {
+    "grpo": ("grpo", ()),
+    "ppo": ("ppo", ()),
+    "grpo_2x2": ("grpo", ("roles.actor_workers=4",)),
+    "grpo_interleaved_tp2": ("grpo", ("roles.actor_workers=4", "distributed.tp_size=2", "distributed.pp_schedule=interleaved_1f1b")),
+}
 
 
 @pytest.fixture(scope="module")
