@@ -1,5 +1,5 @@
 """Pipeline parallel (`stema.distributed.pipeline`, on torch.distributed.pipelining): torchrun runs of
-`stema sft`, `stema dpo` and `stema rm` with `distributed.pp_size=2` (gloo, CPU) equal the
+`stema sft`, `stema dpo`, `stema kto` and `stema rm` with `distributed.pp_size=2` (gloo, CPU) equal the
 1-process run with the same global batch, step by step (loss and pre-clipping gradient norm) and
 in the exported Hugging Face weights; pp=2 x dp=2 and interleaved pp=2 x tp=2 (4 processes each) equal it too; a
 pp=2 checkpoint resumes at pp=1 and at dp=2 onto the same curve; a dead or hung stage is named
@@ -160,6 +160,38 @@ def test_pipeline_dpo_two_stages_equal_one_process(untied_llama, tmp_path):
     assert_same_weights(exported(tmp_path / "pp2" / "hf"), exported(tmp_path / "one" / "hf"), exported(untied_llama))
 
 
+def test_pipeline_kto_two_stages_equal_one_process(untied_llama, tmp_path):
+    """KTO on stages: the reference's log-probs of the examples computed once through its stages,
+    each global batch's KL baseline z0 (policy and reference over the mismatched pairs) through the
+    stages without gradients, the loss on the last stage. The run must reach a positive z0 (the
+    clamp at 0 does not hide it) and the pipeline's z0 (logged as `kl`) must equal the 1-process
+    one, as must the evaluations (z0 over the held-out set). Same tolerances as SFT: z0 is a mean
+    of differences of sequence log-probs of order 15 (sums over ~10 completion tokens), each off by
+    ~1e-7 relative per token on the other padded shapes, so z0 moves by ~1e-6 (seen: 3e-7)."""
+    from stema.data import builtin
+
+    def unpaired(name, count, seed):
+        rows = [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+                for pair in builtin.preference_records(count, seed=seed) for side in ("chosen", "rejected")]
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return tmp_path / name
+
+    extra = (f"data.train={unpaired('train.jsonl', 16, 1)}", f"data.eval={unpaired('eval.jsonl', 4, 2)}", "trainer.eval_every=2",
+             "kto.beta=0.5")
+    assert main(argv("kto", tmp_path / "one", untied_llama, *extra)) == 0
+    torchrun_cli(2, argv("kto", tmp_path / "pp2", untied_llama, *extra, *pp()))
+    assert_same_curve(curve(tmp_path / "pp2"), curve(tmp_path / "one"))
+    for kind in ("train", "eval"):
+        one, two = ([(record["step"], record["kl"], record["loss"]) for record in read_metrics(out, kind)]
+                    for out in (tmp_path / "one", tmp_path / "pp2"))
+        assert [step for step, _, _ in two] == [step for step, _, _ in one]
+        assert max(kl for _, kl, _ in one) > 1e-3, one
+        for (step, kl_1, loss_1), (_, kl_2, loss_2) in zip(one, two):
+            assert abs(kl_2 - kl_1) <= TOLERANCE * max(1.0, kl_1) and abs(loss_2 - loss_1) <= TOLERANCE, (kind, step)
+        print(kind, "largest z0 difference", max(abs(a[1] - b[1]) for a, b in zip(one, two)), "z0 values", [kl for _, kl, _ in one])
+    assert_same_weights(exported(tmp_path / "pp2" / "hf"), exported(tmp_path / "one" / "hf"), exported(untied_llama))
+
+
 def test_pipeline_reward_model_two_stages_equal_one_process(llama_path, tmp_path):
     """`stema rm` (Bradley-Terry): the last stage holds the score head and reads each row at its last
     non-pad token, as the sequence classifier does. The session's Llama ties its embeddings, which
@@ -205,6 +237,9 @@ def test_pipeline_stage_layers_split_evenly():
     assert stage_layers(4, 4) == [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]
 
 
+ROLE_STAGES = ["roles.backend=ray", "roles.actor_workers=2", "roles.critic_workers=2"]
+
+
 @pytest.mark.parametrize("cls, command, overrides, keys", [
     (SFTConfig, "sft", ["distributed.pp_size=3"], ["distributed.pp_size=3", "world size 4"]),
     (SFTConfig, "sft", ["distributed.pp_size=2", "model.lora.enabled=true"], ["model.lora", "distributed.pp_size=2"]),
@@ -216,8 +251,16 @@ def test_pipeline_stage_layers_split_evenly():
     (SFTConfig, "sft", ["distributed.pp_size=4", "distributed.pp_schedule=interleaved_1f1b"],
      ["distributed.pp_schedule=interleaved_1f1b", "8 stages", "4 decoder layers"]),
     (DPOConfig, "dpo", ["distributed.pp_size=2"], ["preference.precompute_ref_logprobs", "distributed.pp_size=2"]),
-    (KTOConfig, "kto", ["distributed.pp_size=2"], ["distributed.pp_size=2", "stema kto"]),
+    (KTOConfig, "kto", ["distributed.pp_size=2", "model.lora.enabled=true"], ["model.lora", "distributed.pp_size=2"]),
     (PPOConfig, "ppo", ["distributed.pp_size=2", "reward.function=builtin"], ["distributed.pp_size=2", "roles.actor_workers"]),
+    (PPOConfig, "ppo", ["distributed.pp_size=2", "reward.function=builtin", *ROLE_STAGES, "roles.critic_workers=1"],
+     ["roles.critic_workers", "distributed.pp_size=2"]),
+    (PPOConfig, "grpo", ["distributed.pp_size=2", "reward.function=builtin", *ROLE_STAGES, "ppo.advantage=grpo",
+                         "rollout.samples_per_prompt=2", "roles.placement=disaggregated"], ["roles.placement"]),
+    (PPOConfig, "grpo", ["distributed.pp_size=2", "reward.function=builtin", *ROLE_STAGES, "ppo.advantage=grpo",
+                         "rollout.samples_per_prompt=2", "distributed.pp_microbatches=2"], ["distributed.pp_microbatches"]),
+    (PPOConfig, "grpo", ["distributed.pp_size=2", "reward.function=builtin", *ROLE_STAGES, "ppo.advantage=grpo",
+                         "rollout.samples_per_prompt=2", "rollout.backend=hf"], ["rollout.backend"]),
 ])
 def test_pipeline_settings_that_cannot_run_are_refused_naming_the_keys(untied_llama, cls, command, overrides, keys):
     config = load_config(cls, overrides=[f"model.path={untied_llama}", *overrides])
@@ -245,6 +288,17 @@ def test_pipeline_refusal_comes_before_any_process_group(untied_llama, tmp_path,
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_grpo_role_group_refusal_comes_before_any_role_starts(untied_llama, tmp_path, capsys):
+    """PPO's check runs in `start_run` too: local roles cannot hold stages (exit code 2, one line
+    naming the keys, no run folder)."""
+    argv = ["grpo", f"trainer.output_dir={tmp_path / 'run'}", f"model.path={untied_llama}", "data.train=builtin",
+            "reward.function=builtin", "distributed.pp_size=2"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "roles.actor_workers" in error and "distributed.pp_size=2" in error
+    assert not (tmp_path / "run").exists()
+
+
 TIMEOUT_S = 4
 
 STAGE_SCRIPT = """
@@ -260,7 +314,7 @@ behaviour, path = sys.argv[1], sys.argv[2]
 config = load_config(SFTConfig, overrides=[f"model.path={{path}}", "distributed.pp_size=2", "distributed.timeout_s={timeout}",
                                            "trainer.global_batch_size=2", "trainer.micro_batch_size=1", "data.max_length=8"])
 world = init_world(config.distributed, role="sft")
-model = place_pipeline(AutoModelForCausalLM.from_pretrained(path), world, config)
+model = place_pipeline(AutoModelForCausalLM.from_pretrained(path), world, config.distributed, microbatches=2, length=8)
 ids = torch.arange(3, 11).reshape(1, 8)
 batches = [dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)] * 2
 loss_of = lambda logits, batch: (-logits_token_logprobs(logits, batch)[0].sum() / 14, {{}})

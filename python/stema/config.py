@@ -281,7 +281,7 @@ class RolesConfig:
 
 @dataclass
 class DistributedConfig:
-    """Data parallel (FSDP2), tensor parallel and pipeline parallel under `torchrun`; a single process ignores it (pp_size > 1 needs pp_size processes or more)."""
+    """Data parallel (FSDP2), tensor parallel and pipeline parallel under `torchrun` (in ppo / grpo: inside the actor's and critic's Ray role groups); a single process ignores it (pp_size > 1 needs pp_size processes or more)."""
 
     strategy: Literal["fsdp", "none"] = option(
         "fsdp", "'fsdp': shard weights, gradients and optimizer state over the data-parallel ranks (FSDP2) when "
@@ -294,7 +294,8 @@ class DistributedConfig:
     tp_size: int = option(1, "Tensor-parallel ranks per model replica (Llama, Qwen2); data-parallel ranks = world size / (tp_size x pp_size).")
     pp_size: int = option(
         1, "Pipeline stages (Llama, Qwen2, Mistral with untied embeddings): each stage a run of consecutive decoder layers on "
-        "its own ranks, the embedding on the first, norm and head on the last; must divide the world size / tp_size."
+        "its own ranks, the embedding on the first, norm and head on the last; must divide the world size / tp_size (in "
+        "ppo / grpo: roles.actor_workers and roles.critic_workers, whose role groups hold the stages)."
     )
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = option(
         "1f1b", "Pipeline schedule (torch.distributed.pipelining): gpipe (all forwards, then all backwards), 1f1b (one "

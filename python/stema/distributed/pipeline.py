@@ -3,7 +3,7 @@ LM split into stages over the mesh's "pp" dimension, composed with tensor parall
 FSDP2 ("dp") inside each stage.
 
     check_pipeline_config(config, command="sft")      # before any process group: ConfigError
-    model = place_pipeline(model, world, config)      # this rank's stages, sharded; HF names kept
+    model = place_pipeline(model, world, config.distributed, microbatches=4, length=512)  # this rank's stages, HF names kept
     totals = model.pipeline.train_step(batches, loss_of=...)   # one schedule step, gradients summed
 
 One seam per model family (`PIPELINE_SEAMS`, registered by `register_pipeline_seam`): each stage
@@ -42,7 +42,9 @@ from .world import World
 PIPELINE_SEAMS: dict[str, Callable[..., Callable[[int], Any]]] = {}
 
 # commands whose training loss can be computed from the last stage's outputs (loss_from_logits)
-PIPELINE_COMMANDS = ("sft", "dpo", "steerlm", "rm")
+PIPELINE_COMMANDS = ("sft", "dpo", "kto", "steerlm", "rm")
+# commands whose trainable models live in Ray role groups, the stages inside each group's world
+ROLE_GROUP_COMMANDS = ("ppo", "grpo")
 
 
 def register_pipeline_seam(family: str) -> Callable:
@@ -135,17 +137,50 @@ def check_pipeline_config(config: Any, *, command: str, world_size: int | None =
     if dist_cfg.pp_size == 1:
         return
     pp = dist_cfg.pp_size
+    if command in ROLE_GROUP_COMMANDS:
+        _check_role_group_pipeline(config)
+        return
     if command not in PIPELINE_COMMANDS:
-        roles = ", neither in its controller nor in its actor and critic role groups (roles.actor_workers, roles.critic_workers)"
-        raise ConfigError(f"distributed.pp_size={pp}: stema {command} does not run pipeline stages"
-                          f"{roles if command in ('ppo', 'grpo') else ''} (supported: {', '.join(PIPELINE_COMMANDS)}); use pp_size 1")
+        raise ConfigError(f"distributed.pp_size={pp}: stema {command} does not run pipeline stages (supported: "
+                          f"{', '.join(PIPELINE_COMMANDS + ROLE_GROUP_COMMANDS)}); use pp_size 1")
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if world_size % (pp * dist_cfg.tp_size):
         raise ConfigError(f"distributed.pp_size={pp} x distributed.tp_size={dist_cfg.tp_size} must divide the world size "
                           f"{world_size} (torchrun --nproc_per_node)")
     _check_pipeline_settings(config)
-    _check_pipeline_model(config, uses_lm_head=command != "rm")
+    _check_pipeline_model(config, config.model, uses_lm_head=command != "rm")
     _check_pipeline_batches(config, dp_size=world_size // (pp * dist_cfg.tp_size))
+
+
+def _check_role_group_pipeline(config: Any) -> None:
+    """PPO / GRPO: the stages run inside the actor's (and the critic's) Ray role group, whose
+    ranks must be a multiple of pp_size x tp_size (several workers, so no LoRA: the config
+    refuses LoRA groups); STEMA's engines, colocated; micro-batches from the minibatch
+    (`stema.training.ppo_update.ppo_pipeline_microbatches`)."""
+    from stema.losses.advantages import needs_critic
+
+    dist_cfg, roles = config.distributed, config.roles
+    pp, model_parallel = dist_cfg.pp_size, dist_cfg.pp_size * dist_cfg.tp_size
+    groups = {"actor_workers": (roles.actor_workers, config.model, True)}
+    if needs_critic(config.ppo.advantage):
+        critic_path = config.critic.path if config.critic.path != "auto" else (config.reward.model or config.model.path)
+        groups["critic_workers"] = (roles.critic_workers, type(config.critic)(path=critic_path), False)
+    for name, (workers, model_cfg, uses_lm_head) in groups.items():
+        if roles.backend != "ray" or workers % model_parallel:
+            raise ConfigError(f"roles.{name}: distributed.pp_size={pp} x distributed.tp_size={dist_cfg.tp_size} runs the "
+                              f"stages inside a Ray role group; roles.{name} ({workers}) must be a multiple of it with "
+                              f"roles.backend ray (got {roles.backend})")
+        key = "model.path" if name == "actor_workers" else "critic.path"
+        _check_pipeline_model(config, model_cfg, uses_lm_head=uses_lm_head, key=key)
+    if config.rollout.backend != "stema":
+        raise ConfigError(f"rollout.backend: with distributed.pp_size={pp} every actor rank generates with STEMA's engine, "
+                          f"refit from the stages; got {config.rollout.backend!r}")
+    if roles.placement != "colocated":
+        raise ConfigError(f"roles.placement: with distributed.pp_size={pp} the actor's ranks refit their own engines "
+                          "(colocated); disaggregated rollout workers are not refit from pipeline stages")
+    if dist_cfg.pp_microbatches:
+        raise ConfigError(f"distributed.pp_microbatches: PPO's stages run each minibatch in trainer.micro_batch_size rows "
+                          f"per micro-batch (got {dist_cfg.pp_microbatches}); leave it 0")
 
 
 def _check_pipeline_settings(config: Any) -> None:
@@ -162,17 +197,18 @@ def _check_pipeline_settings(config: Any) -> None:
                           "computed once through the reference's stages before training; set it to true")
 
 
-def _check_pipeline_model(config: Any, *, uses_lm_head: bool) -> None:
-    """A family with a seam, untied embeddings (when the LM head trains), at least a decoder layer per stage."""
+def _check_pipeline_model(config: Any, model_cfg: Any, *, uses_lm_head: bool, key: str = "model.path") -> None:
+    """A family with a seam, untied embeddings (when the LM head trains), at least a decoder layer
+    per stage, for the model of `model_cfg` (named `key` in the errors)."""
     dist_cfg = config.distributed
     pp = dist_cfg.pp_size
-    model_config = _model_config(config.model)
+    model_config = _model_config(model_cfg)
     family = model_config.model_type
     if family not in PIPELINE_SEAMS:
-        raise ConfigError(f"distributed.pp_size={pp}: model.path {config.model.path} is a {family!r} model; pipeline stages "
+        raise ConfigError(f"distributed.pp_size={pp}: {key} {model_cfg.path} is a {family!r} model; pipeline stages "
                           f"exist for {', '.join(sorted(PIPELINE_SEAMS))}")
     if uses_lm_head and getattr(model_config, "tie_word_embeddings", False):
-        raise ConfigError(f"model.path: {config.model.path} ties its input and output embeddings, which the first and last "
+        raise ConfigError(f"{key}: {model_cfg.path} ties its input and output embeddings, which the first and last "
                           f"pipeline stages hold on different ranks; distributed.pp_size={pp} needs untied embeddings")
     stages = pp * stages_per_rank(dist_cfg.pp_schedule)
     if model_config.num_hidden_layers < stages:
@@ -269,6 +305,16 @@ class PipelineRankModel(torch.nn.Module):
             for stage in stage_indices
         ]
         self.pipeline: Pipeline | None = None
+
+    def stage_of(self, name: str) -> int:
+        """The stage that holds the weight `name` (a Hugging Face name): the embedding the first,
+        a decoder layer's weights its layer's stage, the final norm and the head the last."""
+        prefix = f"{self.base_model_prefix}.layers."
+        if name.startswith(prefix):
+            layer = int(name[len(prefix):].split(".", 1)[0])
+            ranges = stage_layers(self.config.num_hidden_layers, self.num_stages)
+            return next(stage for stage, layers in enumerate(ranges) if layer in layers)
+        return 0 if name.startswith(f"{self.base_model_prefix}.embed_tokens.") else self.num_stages - 1
 
     def get_input_embeddings(self) -> torch.nn.Module | None:
         return getattr(self, self.base_model_prefix).embed_tokens
@@ -423,13 +469,13 @@ class Pipeline:
         return {name: tensor for stage_part in parts if stage_part for name, tensor in stage_part.items()}
 
 
-def place_pipeline(model: torch.nn.Module, world: World, config: Any) -> PipelineRankModel:
-    """This rank's stages of `model` (a Hugging Face causal LM loaded whole on every rank), tensor
-    parallel and FSDP2 inside each stage as `config.distributed` asks, with the `Pipeline` that
-    runs them. Every rank of the world calls it."""
+def place_pipeline(model: torch.nn.Module, world: World, dist_cfg: Any, *, microbatches: int, length: int) -> PipelineRankModel:
+    """This rank's stages of `model` (a Hugging Face causal LM or sequence classifier loaded whole
+    on every rank), tensor parallel and FSDP2 inside each stage as `dist_cfg` (a
+    `DistributedConfig`) asks, with the `Pipeline` that runs `microbatches` micro-batches per step,
+    every row right-padded to `length` tokens. Every rank of the world calls it."""
     from .parallelize import apply_tensor_parallel, shard_with_fsdp
 
-    dist_cfg = config.distributed
     per_rank = stages_per_rank(dist_cfg.pp_schedule)
     num_stages = dist_cfg.pp_size * per_rank
     stage_indices = [world.pp_rank + k * dist_cfg.pp_size for k in range(per_rank)]
@@ -438,9 +484,6 @@ def place_pipeline(model: torch.nn.Module, world: World, config: Any) -> Pipelin
         apply_tensor_parallel(rank_model, world.mesh["tp"])
     shard_with_fsdp(rank_model, mesh=world.mesh, roots=rank_model.stages, mixed_precision=dist_cfg.mixed_precision,
                     cpu_offload=dist_cfg.cpu_offload)
-    rank_model.pipeline = Pipeline(
-        rank_model, world=world, schedule=dist_cfg.pp_schedule, length=config.data.max_length,
-        microbatches=pipeline_microbatches(dist_cfg, config.trainer, dp_size=world.dp_size),
-    )
+    rank_model.pipeline = Pipeline(rank_model, world=world, schedule=dist_cfg.pp_schedule, length=length, microbatches=microbatches)
     return rank_model
 

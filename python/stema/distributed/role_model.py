@@ -10,6 +10,7 @@ checkpoint holds. World size 1 is the same calls on a plain model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -67,8 +68,10 @@ def bucket_boundaries(sizes: list[int], bucket_bytes: int) -> list[tuple[int, in
 @dataclass(frozen=True)
 class _Source:
     hf_name: str
-    module: torch.nn.Module
+    module: torch.nn.Module | None  # None: another pipeline stage holds it
     attribute: str
+    shape: tuple[int, ...]
+    owner: int  # the global rank in this rank's pipeline group that holds it (-1 without stages)
 
 
 class WeightBuckets:
@@ -82,7 +85,9 @@ class WeightBuckets:
 
     `layout` is [(hf_name, shape)], the engine's weights by Hugging Face name (in the order of
     `stema.rollout.refit.weight_pairs`); each name must be a parameter of `model` (the unwrapped
-    causal LM) with that shape.
+    causal LM) with that shape. On pipeline stages (`stema.distributed.pipeline.PipelineRankModel`)
+    each weight is gathered whole on the stage that holds it and broadcast over the pipeline group,
+    so every rank gets every weight.
 
     Attributes:
         names: the layout's names, in order.
@@ -93,24 +98,20 @@ class WeightBuckets:
     def __init__(self, model: torch.nn.Module, layout: list[tuple[str, tuple[int, ...]]], *, bucket_bytes: int):
         from stema.models.loading import unwrap_lora
 
+        from .pipeline import is_pipelined
+
         unwrapped = unwrap_lora(model)
+        self._world = unwrapped.pipeline.world if is_pipelined(unwrapped) else None
+        self._dtype = next(unwrapped.parameters()).dtype
         self.names = [name for name, _ in layout]
         self._sources = []
         sizes = []
         for hf_name, shape in layout:
-            module_path, _, attribute = hf_name.rpartition(".")
-            try:
-                module = unwrapped.get_submodule(module_path)
-            except AttributeError:
-                raise ValueError(f"WeightBuckets: the engine's weight {hf_name} is not in the trainer model") from None
-            parameter = getattr(module, attribute, None)
-            if not isinstance(parameter, torch.Tensor):
-                raise ValueError(f"WeightBuckets: the engine's weight {hf_name} is not in the trainer model")
-            if tuple(parameter.shape) != tuple(shape):  # a DTensor's shape is its whole shape
-                raise ValueError(f"WeightBuckets: {hf_name} has shape {tuple(parameter.shape)} but the engine's "
-                                 f"has {tuple(shape)}")
-            self._sources.append(_Source(hf_name, module, attribute))
-            sizes.append(parameter.numel() * parameter.element_size())
+            owner = -1 if self._world is None else self._world.pipeline_rank(unwrapped.stage_of(hf_name) % self._world.pp_size)
+            held_here = self._world is None or owner == self._world.rank
+            module = _weight_module(unwrapped, hf_name, shape) if held_here else None
+            self._sources.append(_Source(hf_name, module, hf_name.rpartition(".")[2], tuple(shape), owner))
+            sizes.append(math.prod(shape) * self._dtype.itemsize)
         self.buckets = bucket_boundaries(sizes, bucket_bytes)
         self.last_peak_bytes = 0
 
@@ -120,27 +121,111 @@ class WeightBuckets:
         consume it to the end (each bucket's gather is a collective)."""
         peak = 0
         for start, stop in self.buckets:
-            # Looked up each time: FSDP2 swaps a module's registered parameters (sharded / unsharded).
-            tensors = [whole_tensor(getattr(source.module, source.attribute)) for source in self._sources[start:stop]]
+            tensors = [self._whole(source) for source in self._sources[start:stop]]
             peak = max(peak, sum(tensor.numel() * tensor.element_size() for tensor in tensors))
             yield start, stop, tensors
             del tensors
         self.last_peak_bytes = peak
 
+    def _whole(self, source: _Source) -> torch.Tensor:
+        """The whole weight of `source` on this rank: gathered from its shards, and on pipeline
+        stages broadcast from the stage that holds it (collectives in the layout's order)."""
+        if source.module is not None:
+            # Looked up each time: FSDP2 swaps a module's registered parameters (sharded / unsharded).
+            tensor = whole_tensor(getattr(source.module, source.attribute))
+        else:
+            tensor = torch.empty(source.shape, dtype=self._dtype, device=self._world.device)
+        if self._world is not None:
+            import torch.distributed as dist
+
+            tensor = tensor.contiguous()
+            dist.broadcast(tensor, src=source.owner, group=self._world.mesh["pp"].get_group())
+        return tensor
+
+
+def _weight_module(model: torch.nn.Module, hf_name: str, shape: tuple[int, ...]) -> torch.nn.Module:
+    """The module of `model` whose attribute is the weight `hf_name`, checked to have `shape`."""
+    module_path, _, attribute = hf_name.rpartition(".")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        raise ValueError(f"WeightBuckets: the engine's weight {hf_name} is not in the trainer model") from None
+    parameter = getattr(module, attribute, None)
+    if not isinstance(parameter, torch.Tensor):
+        raise ValueError(f"WeightBuckets: the engine's weight {hf_name} is not in the trainer model")
+    if tuple(parameter.shape) != tuple(shape):  # a DTensor's shape is its whole shape
+        raise ValueError(f"WeightBuckets: {hf_name} has shape {tuple(parameter.shape)} but the engine's has {tuple(shape)}")
+    return module
+
+
+def _state_options(**kwargs):
+    """Whole tensors, trainable weights only; the optimizer state keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kwargs)
+
 
 def gathered_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """{"model", "optimizer"}: the trainable weights and the optimizer state of a sharded model as
-    whole CPU tensors keyed by parameter name, on rank 0 (empty on the others); a collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    whole CPU tensors keyed by parameter name, on rank 0 (empty on the others); a collective. On
+    pipeline stages each stage's part is gathered within the stage, then the parts on rank 0 and
+    merged into the layout one process has (`_merged_stage_states`)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    return {"model": model_state, "optimizer": optimizer_state}
+    from .pipeline import is_pipelined
+
+    if not is_pipelined(model):
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options(cpu_offload=True))
+        return {"model": model_state, "optimizer": optimizer_state}
+    import torch.distributed as dist
+
+    world = model.pipeline.world
+    # cpu_offload would keep only global rank 0's part, which holds the first stage alone
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
+    per_parameter = {name: _on_cpu(values) for name, values in optimizer_state["state"].items()}
+    part = {"model": _on_cpu(model_state), "optimizer": {"state": per_parameter, "param_groups": optimizer_state["param_groups"]}}
+    holds_stage = world.rank % (world.dp_size * world.tp_size) == 0  # dp and tp coordinate 0
+    parts = [None] * world.world_size if world.rank == 0 else None
+    dist.gather_object(part if holds_stage else None, parts, dst=0)
+    if parts is None:
+        return {"model": {}, "optimizer": {}}
+    return _merged_stage_states([stage_part for stage_part in parts if stage_part])
+
+
+def _on_cpu(state: dict) -> dict:
+    return {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+
+
+def _merged_stage_states(parts: list[dict]) -> dict:
+    """The stages' {"model", "optimizer"} parts (in stage order) as one state: the weights and the
+    per-parameter optimizer state joined, each parameter group's `params` names concatenated (the
+    stages share the groups' settings)."""
+    groups = [dict(group, params=[name for part in parts for name in part["optimizer"]["param_groups"][index]["params"]])
+              for index, group in enumerate(parts[0]["optimizer"]["param_groups"])]
+    return {"model": {name: value for part in parts for name, value in part["model"].items()},
+            "optimizer": {"state": {name: value for part in parts for name, value in part["optimizer"]["state"].items()},
+                          "param_groups": groups}}
+
+
+def rank_part(model: torch.nn.Module, state: dict) -> dict:
+    """The entries of a gathered `state` that this rank's model holds: all of them, or on pipeline
+    stages those of its own stages' parameters."""
+    from .pipeline import is_pipelined
+
+    if not is_pipelined(model):
+        return state
+    names = set(model.state_dict())
+    optimizer = state["optimizer"]
+    return {**state, "model": {name: value for name, value in state["model"].items() if name in names},
+            "optimizer": {"state": {name: value for name, value in optimizer["state"].items() if name in names},
+                          "param_groups": [dict(group, params=[name for name in group["params"] if name in names])
+                                           for group in optimizer["param_groups"]]}}
 
 
 def load_gathered_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load what `gathered_state` returned (given to every rank) into this rank's shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    state = rank_part(model, state)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+                   options=_state_options())

@@ -125,10 +125,14 @@ class World:
             found[rank] = int(store.get(key)) if store.check([key]) else None
         return found
 
+    def pipeline_rank(self, pp_rank: int) -> int:
+        """The global rank of this rank's pipeline group at pipeline coordinate `pp_rank`."""
+        stride = self.dp_size * self.tp_size
+        return self.rank % stride + pp_rank * stride
+
     def pipeline_peers(self) -> list[int]:
         """The other ranks of this rank's pipeline group (the stages it exchanges activations with)."""
-        stride = self.dp_size * self.tp_size
-        return [self.rank % stride + stage * stride for stage in range(self.pp_size) if stage != self.pp_rank]
+        return [self.pipeline_rank(stage) for stage in range(self.pp_size) if stage != self.pp_rank]
 
     def _laggards(self) -> str:
         try:

@@ -7,7 +7,11 @@ with the clipped PPO loss (`stema.training.ppo_update.PPOUpdater`). With `roles.
 it is also the reference (adapters off). With `roles.placement: disaggregated` it holds no
 engines: the rollout role does (`stema.roles.rollout.RolloutWorker`), and the actor's refit sends
 it the weights. As a group of ranks (`roles.actor_workers`; `stema.roles.groups`) each rank joins
-the role's torch.distributed world and shards the policy with FSDP2.
+the role's torch.distributed world and shards the policy with FSDP2, or, with
+`distributed.pp_size > 1`, holds its pipeline stages of the policy (`stema.distributed.pipeline`):
+the PPO loss runs on the last stage inside the schedule, log-probs through the stages without
+gradients, and every rank's engines are refitted from all the stages (each weight gathered on its
+stage and broadcast over the pipeline group).
 """
 
 from __future__ import annotations
@@ -19,15 +23,15 @@ import torch
 
 from stema.config import DistributedConfig, ModelConfig, OptimConfig, PPOAlgorithmConfig, RolesConfig, RolloutConfig, TrainerConfig
 from stema.distributed import init_world
-from stema.distributed.role_model import place_on_world
+from stema.distributed.pipeline import is_pipelined
 from stema.losses.ppo import ppo_policy_loss
 from stema.training.checkpoint import rng_state, set_rng_state
 from stema.training.loop import autocast_context
-from stema.training.ppo_update import PPOUpdater
+from stema.training.ppo_update import PPOUpdater, StageLoss
 from stema.training.setup import seed_everything
 
 from .colocation import kv_cache_held, release_kv_cache
-from .common import export_model, on_device, policy_logprobs
+from .common import export_model, on_device, place_role_model, policy_logprobs
 from .experience import model_inputs
 from .groups import RowBlock, concat_rows, rank_zero, split_rows
 from .rollout import GenerationResult, build_engines, generate_with_pool, merge_generations, remote_refitter
@@ -50,7 +54,8 @@ class ActorWorker:
                  distributed_cfg: DistributedConfig, max_prompt_length: int, cache_dir: str, total_steps: int,
                  engine_receivers: Any = None):
         from stema.models.loading import load_policy
-        from stema.rollout import RolloutPool
+        from stema.rollout import BucketedRefitter, RolloutPool
+        from stema.rollout.bucketed import refit_pairs
         from stema.training.logprobs import ReferenceModel
 
         seed_everything(trainer_cfg.seed)
@@ -64,9 +69,15 @@ class ActorWorker:
         self.engines = [] if engine_receivers is not None else build_engines(
             model, rollout_cfg, max_prompt_length=max_prompt_length, world=self.world)
         release_kv_cache(self.engines)
-        self.model = place_on_world(model, self.world, distributed_cfg)
+        pairs = [refit_pairs(engine, model) for engine in self.engines] if distributed_cfg.pp_size > 1 else None
+        self.model = place_role_model(model, self.world, distributed_cfg, trainer_cfg=trainer_cfg, ppo_cfg=ppo_cfg,
+                                      sequences=trainer_cfg.global_batch_size * rollout_cfg.samples_per_prompt,
+                                      length=max_prompt_length + rollout_cfg.max_new_tokens)
         if engine_receivers is not None:
             self.refitters = [remote_refitter(self.model, engine_receivers, bucket_bytes=bucket_bytes, world=self.world)]
+        elif pairs is not None:  # each weight gathered on its pipeline stage, broadcast to every rank's engines
+            self.refitters = [BucketedRefitter(engine, self.model, bucket_bytes=bucket_bytes, pairs=engine_pairs)
+                              for engine, engine_pairs in zip(self.engines, pairs)]
         else:  # in place (EngineRefitter), from the shards (BucketedRefitter), or nothing to copy (HFGenerator)
             self.refitters = [engine.refitter(self.model, world=self.world, bucket_bytes=bucket_bytes)
                               for engine in self.engines]
@@ -81,7 +92,7 @@ class ActorWorker:
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    @split_rows(merge=merge_generations, pass_block=True)
+    @split_rows(merge=merge_generations, pass_block=True, per_rank=True)
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, seed: int, greedy: bool = False,
                  row_block: RowBlock | None = None) -> GenerationResult:
         """Responses to the prompts (token lists) from the engines, load-balanced by the scheduler
@@ -138,13 +149,37 @@ class ActorWorker:
                 kl_estimator=ppo.kl_estimator, entropy=entropy, entropy_coef=ppo.entropy_coef,
             )
 
+        stage_loss = None
+        if is_pipelined(self.model):
+            tensors = {**model_inputs(batch), "action_mask": batch["action_mask"], "old_logprobs": old_logprobs,
+                       "advantages": advantages, **({"ref_logprobs": ref_logprobs} if in_loss else {})}
+            stage_loss = StageLoss(tensors, self._stage_policy_loss(in_loss=in_loss, kl_coef=kl_coef),
+                                   autocast_context(trainer, device))
         metrics = self.updater.update(
             rows=row_block or RowBlock.whole(len(batch["input_ids"])), action_mask=batch["action_mask"], epochs=ppo.ppo_epochs,
             minibatch_size=ppo.minibatch_size, micro_batch_size=trainer.micro_batch_size,
-            seed=trainer.seed * 1_000_003 + step, micro_loss=micro_loss,
+            seed=trainer.seed * 1_000_003 + step, micro_loss=micro_loss, stage_loss=stage_loss,
         )
         metrics["refit_s"] = self.refit()
         return metrics
+
+    def _stage_policy_loss(self, *, in_loss: bool, kl_coef: float):
+        """The clipped PPO loss of a pipeline micro-batch from the last stage's logits `[rows, T, V]`
+        (`StageLoss.loss_of`), as `micro_loss` computes it from the model's forward."""
+        from stema.training.logprobs import logits_token_logprobs
+
+        ppo = self.ppo_cfg
+
+        def loss_of(logits: torch.Tensor, micro: dict[str, torch.Tensor], num_tokens: int):
+            logprobs, _, entropy = logits_token_logprobs(logits, micro, temperature=self.rollout_cfg.temperature,
+                                                         return_entropy=True)
+            return ppo_policy_loss(
+                logprobs, micro["old_logprobs"], micro["advantages"], micro["loss_mask"], clip_ratio=ppo.clip_ratio,
+                num_tokens=num_tokens, ref_logprobs=micro["ref_logprobs"] if in_loss else None,
+                kl_coef=kl_coef if in_loss else 0.0, kl_estimator=ppo.kl_estimator, entropy=entropy, entropy_coef=ppo.entropy_coef,
+            )
+
+        return loss_of
 
     def refit(self) -> float:
         """Copy the policy's weights into every engine in place (every rank of a group; with

@@ -1,21 +1,23 @@
 """The critic role: the value model (a one-output sequence classifier read at every position,
 `token_values`), trained with the clipped value loss (`stema.training.ppo_update.PPOUpdater`). As a
-group of ranks (`roles.critic_workers`) it shards the model with FSDP2, like the actor."""
+group of ranks (`roles.critic_workers`) it shards the model with FSDP2, like the actor, or holds
+its pipeline stages (`distributed.pp_size > 1`): the last stage holds the score head, whose output
+at every position is the values, and computes the value loss inside the schedule."""
 
 from __future__ import annotations
 
 import torch
 
-from stema.config import DistributedConfig, ModelConfig, OptimConfig, PPOAlgorithmConfig, TrainerConfig
+from stema.config import DistributedConfig, ModelConfig, OptimConfig, PPOAlgorithmConfig, RolloutConfig, TrainerConfig
 from stema.distributed import init_world
-from stema.distributed.role_model import place_on_world
+from stema.distributed.pipeline import is_pipelined
 from stema.losses.ppo import ppo_value_loss
 from stema.models.loading import eval_mode
 from stema.training.loop import autocast_context
-from stema.training.ppo_update import PPOUpdater
+from stema.training.ppo_update import PPOUpdater, StageLoss
 from stema.training.setup import seed_everything
 
-from .common import export_model, on_device
+from .common import export_model, on_device, place_role_model, stage_rows
 from .experience import model_inputs
 from .groups import RowBlock, concat_rows, rank_zero, split_rows
 
@@ -24,7 +26,8 @@ class CriticWorker:
     """The value model: per-token values and the clipped value-loss update."""
 
     def __init__(self, *, model_cfg: ModelConfig, optim_cfg: OptimConfig, trainer_cfg: TrainerConfig, ppo_cfg: PPOAlgorithmConfig,
-                 distributed_cfg: DistributedConfig, cache_dir: str, total_steps: int):
+                 rollout_cfg: RolloutConfig, distributed_cfg: DistributedConfig, max_prompt_length: int, cache_dir: str,
+                 total_steps: int):
         from stema.models.loading import load_reward_model
 
         seed_everything(trainer_cfg.seed + 1)
@@ -32,7 +35,9 @@ class CriticWorker:
         self.world = init_world(distributed_cfg, role="critic")
         self.device = self.world.device
         model, self.tokenizer = load_reward_model(model_cfg, num_labels=1, cache_dir=cache_dir, seed=trainer_cfg.seed)
-        self.model = place_on_world(model, self.world, distributed_cfg)
+        self.model = place_role_model(model, self.world, distributed_cfg, trainer_cfg=trainer_cfg, ppo_cfg=ppo_cfg,
+                                      sequences=trainer_cfg.global_batch_size * rollout_cfg.samples_per_prompt,
+                                      length=max_prompt_length + rollout_cfg.max_new_tokens)
         self.updater = PPOUpdater(self.model, optim_cfg, total_steps=total_steps, max_grad_norm=optim_cfg.max_grad_norm,
                                   world=self.world)
 
@@ -51,6 +56,9 @@ class CriticWorker:
     @torch.no_grad()
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`[B, L]` fp32 values (column t: the state after tokens 0..t, where action t is taken)."""
+        if is_pipelined(self.model):
+            return stage_rows(self.model, batch, trainer_cfg=self.trainer_cfg, device=self.device,
+                              output_of=lambda scores, chunk: scores.squeeze(-1))  # [rows, T, 1] -> [rows, T]
         with eval_mode(self.model):
             micro = self.trainer_cfg.micro_batch_size
             inputs = model_inputs(batch)
@@ -77,10 +85,18 @@ class CriticWorker:
             return ppo_value_loss(values, old_values[index], returns[index], action_mask[index],
                                   value_clip=ppo.value_clip, num_tokens=num_tokens)
 
+        def stage_value_loss(scores: torch.Tensor, micro: dict[str, torch.Tensor], num_tokens: int):
+            return ppo_value_loss(scores.squeeze(-1).float(), micro["old_values"], micro["returns"], micro["loss_mask"],
+                                  value_clip=ppo.value_clip, num_tokens=num_tokens)
+
+        stage_loss = None
+        if is_pipelined(self.model):
+            tensors = {**model_inputs(batch), "action_mask": batch["action_mask"], "old_values": old_values, "returns": returns}
+            stage_loss = StageLoss(tensors, stage_value_loss, autocast_context(trainer, device))
         metrics = self.updater.update(
             rows=row_block or RowBlock.whole(len(batch["input_ids"])), action_mask=batch["action_mask"], epochs=ppo.ppo_epochs,
             minibatch_size=ppo.minibatch_size, micro_batch_size=trainer.micro_batch_size,
-            seed=trainer.seed * 1_000_003 + step + 7, micro_loss=micro_loss,
+            seed=trainer.seed * 1_000_003 + step + 7, micro_loss=micro_loss, stage_loss=stage_loss,
         )
         return {f"critic/{key}": value for key, value in metrics.items()}
 

@@ -10,10 +10,14 @@ node address and a free port; every member then sets MASTER_ADDR / MASTER_PORT /
 WORLD_SIZE / LOCAL_RANK and builds its worker, whose `init_world` joins the process group (gloo on
 CPU, NCCL on GPU) and shards its model with FSDP2.
 
-Calls. A worker method marked with `split_rows` is a data call: the handle gives rank r the r-th
-contiguous block of the rows of every row-indexed argument (a tensor, a dict of tensors or a list
-whose length is the batch's row count) and merges the ranks' results with the method's `merge`
-(rows concatenated in rank order, so in the caller's row order). Any other method runs on every
+Calls. A worker method marked with `split_rows` is a data call: the handle gives data-parallel
+replica d the d-th contiguous block of the rows of every row-indexed argument (a tensor, a dict of
+tensors or a list whose length is the batch's row count) and merges the replicas' results with the
+method's `merge` (rows concatenated in replica order, so in the caller's row order). A replica is
+the ranks that hold one copy of the model between them (tensor-parallel shards and pipeline
+stages, `model_parallel`); they all get the same block, and the result of the replica's first rank
+is taken. A method marked `per_rank` (generation from each rank's own whole-weight engine) splits
+the rows over all ranks instead. Any other method runs on every
 rank with the same arguments (refit, state_dict, export: collectives every rank must join) and
 rank 0's result is returned. A rank that fails ends the call at once with a `RoleError` naming
 the role and the rank; a call that outlives `timeout_s` names the ranks still running.
@@ -40,16 +44,18 @@ _SPLIT_ROWS = "__stema_split_rows__"
 class _SplitRule:
     merge: Callable[[list], Any]
     pass_block: bool
+    per_rank: bool
 
 
-def split_rows(*, merge: Callable[[list], Any], pass_block: bool = False) -> Callable[[Callable], Callable]:
+def split_rows(*, merge: Callable[[list], Any], pass_block: bool = False, per_rank: bool = False) -> Callable[[Callable], Callable]:
     """Mark a worker method as a data call of a role group (module docstring). `merge` turns the
-    ranks' results (in rank order) into the caller's result; with `pass_block` the method also
+    replicas' results (in row order) into the caller's result; with `pass_block` the method also
     receives its `row_block=RowBlock(...)` (a local or single-process call gets none and works on
-    the whole batch). Returns the method itself, so typed calls (`Worker.method`) still name it."""
+    the whole batch); with `per_rank` every rank takes a block of its own. Returns the method
+    itself, so typed calls (`Worker.method`) still name it."""
 
     def mark(method: Callable) -> Callable:
-        setattr(method, _SPLIT_ROWS, _SplitRule(merge, pass_block))
+        setattr(method, _SPLIT_ROWS, _SplitRule(merge, pass_block, per_rank))
         return method
 
     return mark
@@ -118,11 +124,13 @@ class RankMember:
 class GroupFuture:
     """The pending result of one call on every rank of a group."""
 
-    def __init__(self, role: str, method: str, references: list, merge: Callable[[list], Any], *, timeout_s: float):
+    def __init__(self, role: str, method: str, references: list, merge: Callable[[list], Any], *, timeout_s: float,
+                 merged_ranks: list[int] | None = None):
         self.role, self.method = role, method
         self._references = references
         self._merge = merge
         self._timeout_s = timeout_s
+        self._merged_ranks = merged_ranks if merged_ranks is not None else list(range(len(references)))
 
     def result(self) -> Any:
         """The merged result; RoleError naming the role and rank as soon as one rank fails, or
@@ -145,18 +153,27 @@ class GroupFuture:
                 first_line = (str(cause).strip().splitlines() or [""])[0][:500]
                 raise RoleError(f"role {self.role} rank {rank_of[done[0]]}: {self.method} failed: "
                                 f"{type(cause).__name__}: {first_line}") from error
-        return self._merge(ray.get(self._references))
+        return self._merge(ray.get([self._references[rank] for rank in self._merged_ranks]))
+
+
+def replica_of_ranks(world_size: int, *, tp_size: int = 1, pp_size: int = 1) -> list[int]:
+    """The data-parallel coordinate of each rank of a ("pp", "dp", "tp") world (`init_world`'s mesh)."""
+    replicas = world_size // (tp_size * pp_size)
+    return [(rank // tp_size) % replicas for rank in range(world_size)]
 
 
 class RayGroupHandle:
-    """A role run by `len(members)` Ray actors forming one torch.distributed world."""
+    """A role run by `len(members)` Ray actors forming one torch.distributed world; `replica_of`
+    gives each rank's data-parallel coordinate (`replica_of_ranks`; default: each rank its own)."""
 
-    def __init__(self, role: str, worker_class: type, members: list, placement_group: Any, *, timeout_s: float):
+    def __init__(self, role: str, worker_class: type, members: list, placement_group: Any, *, timeout_s: float,
+                 replica_of: list[int] | None = None):
         self.role = role
         self.worker_class = worker_class
         self.members = members
         self.placement_group = placement_group
         self.timeout_s = timeout_s
+        self.replica_of = replica_of if replica_of is not None else list(range(len(members)))
 
     @property
     def world_size(self) -> int:
@@ -168,15 +185,18 @@ class RayGroupHandle:
         if rule is None:
             references = [member.call.remote(method, args, kwargs) for member in self.members]
             return GroupFuture(self.role, name, references, rank_zero, timeout_s=self.timeout_s)
-        blocks = row_blocks(_row_count(args, kwargs), self.world_size)
+        replica_of = list(range(self.world_size)) if rule.per_rank else self.replica_of
+        blocks = row_blocks(_row_count(args, kwargs), max(replica_of) + 1)
         references = []
-        for member, block in zip(self.members, blocks):
+        for member, replica in zip(self.members, replica_of):
+            block = blocks[replica]
             rank_args = tuple(_take_rows(value, block) for value in args)
             rank_kwargs = {key: _take_rows(value, block) for key, value in kwargs.items()}
             if rule.pass_block:
                 rank_kwargs["row_block"] = block
             references.append(member.call.remote(method, rank_args, rank_kwargs))
-        return GroupFuture(self.role, name, references, rule.merge, timeout_s=self.timeout_s)
+        first_ranks = [replica_of.index(replica) for replica in range(len(blocks))]
+        return GroupFuture(self.role, name, references, rule.merge, timeout_s=self.timeout_s, merged_ranks=first_ranks)
 
     def close(self) -> None:
         import ray
@@ -195,10 +215,11 @@ def rank_bundles(world_size: int, *, gpus: bool) -> list[dict[str, float]]:
 
 
 def start_group(role: str, worker_class: type, *, workers: int, timeout_s: float, ray_address: str = "",
-                **kwargs: Any) -> RayGroupHandle:
+                model_parallel: tuple[int, int] = (1, 1), **kwargs: Any) -> RayGroupHandle:
     """`workers` Ray actors, one per bundle of a PACK placement group, each building
-    `worker_class(**kwargs)` as one rank of a torch.distributed world; a rank that cannot start
-    raises RoleError naming the role and rank."""
+    `worker_class(**kwargs)` as one rank of a torch.distributed world whose replicas are
+    `model_parallel` = (tp_size, pp_size) ranks each; a rank that cannot start raises RoleError
+    naming the role and rank."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -219,7 +240,9 @@ def start_group(role: str, worker_class: type, *, workers: int, timeout_s: float
         ).remote(rank=rank)
         for rank in range(workers)
     ]
-    handle = RayGroupHandle(role, worker_class, members, group, timeout_s=timeout_s)
+    tp_size, pp_size = model_parallel
+    handle = RayGroupHandle(role, worker_class, members, group, timeout_s=timeout_s,
+                            replica_of=replica_of_ranks(workers, tp_size=tp_size, pp_size=pp_size))
     try:
         address, port = GroupFuture(role, "address_and_free_port", [members[0].address_and_free_port.remote()],
                                     rank_zero, timeout_s=timeout_s).result()

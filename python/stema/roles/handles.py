@@ -107,16 +107,18 @@ def ensure_ray(address: str = "") -> None:
 
 
 def start_role(role: str, worker_class: type, *, backend: str, timeout_s: float, ray_address: str = "", workers: int = 1,
-               **kwargs: Any):
+               model_parallel: tuple[int, int] = (1, 1), **kwargs: Any):
     """A handle to `worker_class(**kwargs)`, built in this process ('local') or in a new Ray actor
     ('ray'); with `workers` > 1 (Ray only) a group of Ray actors forming one torch.distributed
-    world (`stema.roles.groups`). Construction errors surface here as RoleError naming the role."""
+    world (`stema.roles.groups`) whose model replicas are `model_parallel` = (tp_size, pp_size)
+    ranks each. Construction errors surface here as RoleError naming the role."""
     if workers > 1:
         if backend != "ray":
             raise ValueError(f"role {role}: {workers} workers need roles.backend ray")
         from .groups import start_group
 
-        return start_group(role, worker_class, workers=workers, timeout_s=timeout_s, ray_address=ray_address, **kwargs)
+        return start_group(role, worker_class, workers=workers, timeout_s=timeout_s, ray_address=ray_address,
+                           model_parallel=model_parallel, **kwargs)
     if backend == "local":
         try:
             return LocalHandle(role, worker_class(**kwargs), timeout_s=timeout_s)

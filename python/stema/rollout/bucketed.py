@@ -26,22 +26,23 @@ class BucketedRefitter:
     The engine must have been built for the same architecture (e.g. `GenerationEngine.from_hf` on
     the model before it was sharded); the weight-to-engine mapping is the plain `EngineRefitter`'s
     (`weight_pairs`), and each bucket is copied (and cast) by the `refit_` kernel. LoRA models are refused: the buckets carry the base weights, not merged adapters.
+    `pairs` (default: `refit_pairs(engine, model)`) must be given for a model on pipeline stages,
+    taken from the model before it was split.
 
     Attributes:
         views: the engine view each weight of `weights.names` fills.
         weights: the `WeightBuckets` (its `buckets` and `last_peak_bytes`).
     """
 
-    def __init__(self, engine, model: torch.nn.Module, *, bucket_bytes: int):
+    def __init__(self, engine, model: torch.nn.Module, *, bucket_bytes: int, pairs: list[tuple[str, torch.Tensor]] | None = None):
         from stema.distributed.role_model import WeightBuckets
         from stema.models.loading import is_lora_model
 
         if is_lora_model(model):
             raise ValueError("BucketedRefitter refits whole weights, not merged LoRA adapters; the engine would "
                              "generate with the base weights")
-        check_same_architecture(engine.spec, decoder_spec_from_hf(model))
         self.engine = engine
-        pairs = [(hf_name, view) for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)]
+        pairs = pairs if pairs is not None else refit_pairs(engine, model)
         self.views = [view for _, view in pairs]
         self.weights = WeightBuckets(model, [(hf_name, tuple(view.shape)) for hf_name, view in pairs],
                                      bucket_bytes=bucket_bytes)
@@ -54,6 +55,15 @@ class BucketedRefitter:
         for start, stop, tensors in self.weights.gathered():
             views = self.views[start:stop]
             refit_(views, [tensor.to(view.device) for tensor, view in zip(tensors, views)])
+
+
+def refit_pairs(engine, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, engine view) of every weight `engine` holds, in refit order, read from
+    `model` (whole or FSDP2-sharded; its architecture checked against the engine's). A model split
+    into pipeline stages holds only its stages' layers: take the pairs from it before it is split
+    and give them to `BucketedRefitter`."""
+    check_same_architecture(engine.spec, decoder_spec_from_hf(model))
+    return [(hf_name, view) for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)]
 
 
 def engine_refitter(engine, model: torch.nn.Module, *, world=None, bucket_bytes: int = 256 << 20):

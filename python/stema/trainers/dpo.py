@@ -37,8 +37,9 @@ from stema.data import TokenizedPair, collate_pairs, load_preference_data
 from stema.losses import preference_loss, preference_loss_options, uses_reference
 from stema.models.loading import load_policy
 from stema.training import TrainResult
-from stema.distributed.pipeline import is_pipelined
-from stema.training.logprobs import ReferenceModel, completion_token_logprobs, logits_token_logprobs, sequence_logprobs
+from stema.training.logprobs import (
+    ReferenceModel, batched_sequence_logprobs, completion_token_logprobs, logits_token_logprobs, sequence_logprobs,
+)
 from stema.training.loop import autocast_context, evaluate_sums, to_device
 from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 
@@ -68,13 +69,7 @@ def precompute_reference_logprobs(
     chunks = [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
     batches = [to_device(collate_pairs(chunk, pad_id), device) for chunk in chunks]
     with autocast():
-        if is_pipelined(reference.model):
-            logps = reference.model.pipeline.forward_only(
-                batches,
-                output_of=lambda logits, batch: sequence_logprobs(*logits_token_logprobs(logits, batch), average=average).cpu(),
-            )
-        else:
-            logps = [sequence_logprobs(*reference.token_logprobs(batch), average=average) for batch in batches]  # [2B] each
+        logps = batched_sequence_logprobs(reference.model, batches, average=average, token_logprobs=reference.token_logprobs)  # [2B] each
     referenced = []
     for chunk, chunk_logps in zip(chunks, logps):
         chosen, rejected = chunk_logps.float().cpu().split(len(chunk))

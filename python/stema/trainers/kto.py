@@ -15,14 +15,23 @@ unpaired data: each example is a prompt, a completion and whether the completion
 5. The shared loop steps, evaluates (z0 from the whole evaluation set), checkpoints, resumes;
    export in Hugging Face format.
 
+With pipeline stages (`distributed.pp_size > 1`) the policy's loss is computed on the last stage
+from its logits, inside the schedule, where no other forward pass can run: the reference's
+log-probs of the (matched) examples, which never change, are computed once before training
+through the reference's own stages and kept with the examples; z0's policy and reference
+log-probs of each global batch's mismatched pairs run through the stages without gradients
+(`Pipeline.forward_only`) before the batch's schedule step.
+
 Departures from TRL's KTOTrainer: TRL fixes the mismatched pairs when it prepares the dataset
 (rotating within consecutive chunks of the unshuffled data) and estimates z0 per device
 micro-batch; STEMA rotates within each (shuffled) global batch and estimates z0 once for it.
-Reference log-probs are not precomputed for KTO (the mismatched pairs change with every batch).
+Reference log-probs of the mismatched pairs are never precomputed (the pairs change with every
+batch); those of the examples themselves only on pipeline stages.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -33,9 +42,24 @@ from stema.data.tokenize import IGNORE_INDEX
 from stema.losses import get_loss
 from stema.models.loading import load_policy
 from stema.training import TrainResult
-from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
+from stema.distributed.pipeline import is_pipelined
+from stema.training.logprobs import (
+    ReferenceModel, batched_sequence_logprobs, completion_token_logprobs, logits_token_logprobs, sequence_logprobs,
+)
 from stema.training.loop import autocast_context, evaluate_sums, to_device
 from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
+
+
+@dataclass(frozen=True)
+class ReferencedExample:
+    """An unpaired example with the reference model's sequence log-prob of its completion."""
+
+    example: TokenizedUnpaired
+    ref_logps: float
+
+
+def _unreferenced(examples: Sequence[TokenizedUnpaired | ReferencedExample]) -> list[TokenizedUnpaired]:
+    return [example.example if isinstance(example, ReferencedExample) else example for example in examples]
 
 
 def _prompt_length(example: TokenizedUnpaired) -> int:
@@ -81,21 +105,37 @@ class KTOAlgorithm:
         self.autocast = autocast
         self.loss_fn = get_loss("kto")
 
-    @torch.no_grad()
+    def micro_batches(self, examples: Sequence[TokenizedUnpaired]) -> list[dict[str, torch.Tensor]]:
+        device = next(self.policy.parameters()).device
+        return [to_device(collate_unpaired(examples[start : start + self.micro_batch_size], self.pad_id), device)
+                for start in range(0, len(examples), self.micro_batch_size)]
+
+    def policy_logprobs(self, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """The policy's sequence log-probs `[rows]` of each batch, without gradients (through its stages on a pipeline)."""
+        with self.autocast():
+            return batched_sequence_logprobs(self.policy, batches, average=self.kto.average_logprobs,
+                                             token_logprobs=lambda batch: completion_token_logprobs(self.policy, batch))
+
+    def reference_logprobs(self, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """The reference's sequence log-probs `[rows]` of each batch (through its stages on a pipeline)."""
+        with self.autocast():
+            return batched_sequence_logprobs(self.reference.model, batches, average=self.kto.average_logprobs,
+                                             token_logprobs=self.reference.token_logprobs)
+
     def kl_baseline(self, examples: Sequence[TokenizedUnpaired]) -> float:
         """z0: the mean policy-minus-reference log-prob of the mismatched pairs, clamped at 0."""
-        device = next(self.policy.parameters()).device
-        mismatched = mismatched_examples(examples, max_length=self.max_length)
-        total = 0.0
-        for start in range(0, len(mismatched), self.micro_batch_size):
-            batch = to_device(collate_unpaired(mismatched[start : start + self.micro_batch_size], self.pad_id), device)
-            with self.autocast():
-                policy = sequence_logprobs(*completion_token_logprobs(self.policy, batch), average=self.kto.average_logprobs)
-                reference = sequence_logprobs(*self.reference.token_logprobs(batch), average=self.kto.average_logprobs)
-            total += float((policy.float() - reference.float()).sum())
+        batches = self.micro_batches(mismatched_examples(examples, max_length=self.max_length))
+        pairs = zip(self.policy_logprobs(batches), self.reference_logprobs(batches))
+        total = sum(float((policy.float() - reference.float()).sum()) for policy, reference in pairs)
         return max(0.0, total / len(examples))
 
+    def referenced(self, examples: Sequence[TokenizedUnpaired]) -> list[ReferencedExample]:
+        """Each example with the reference's sequence log-prob of its completion (for the pipeline's last stage)."""
+        logps = torch.cat([chunk.float().cpu() for chunk in self.reference_logprobs(self.micro_batches(examples))])
+        return [ReferencedExample(example, float(value)) for example, value in zip(examples, logps)]
+
     def denominators(self, examples):
+        examples = _unreferenced(examples)
         desirable = sum(1 for example in examples if example.label)
         return {
             "examples": len(examples),
@@ -105,11 +145,26 @@ class KTOAlgorithm:
         }
 
     def collate(self, examples):
-        return collate_unpaired(examples, self.pad_id)
+        """`collate_unpaired`'s tensors, with ref_logps `[B]` when the examples carry them."""
+        batch = collate_unpaired(_unreferenced(examples), self.pad_id)
+        if isinstance(examples[0], ReferencedExample):
+            batch["ref_logps"] = torch.tensor([example.ref_logps for example in examples])
+        return batch
 
     def loss(self, model, batch, denominators):
-        policy = sequence_logprobs(*completion_token_logprobs(model, batch), average=self.kto.average_logprobs)  # [B]
-        reference = sequence_logprobs(*self.reference.token_logprobs(batch), average=self.kto.average_logprobs)
+        return self.loss_of_token_logprobs(*completion_token_logprobs(model, batch), batch, denominators)
+
+    def loss_from_logits(self, logits, batch, denominators):
+        return self.loss_of_token_logprobs(*logits_token_logprobs(logits, batch), batch, denominators)
+
+    def loss_of_token_logprobs(self, token_logprobs, mask, batch, denominators):
+        """The loss from the policy's token log-probs and mask `[B, T]`; the reference's sequence
+        log-probs precomputed in the batch, or from the live reference."""
+        policy = sequence_logprobs(token_logprobs, mask, average=self.kto.average_logprobs)  # [B]
+        if "ref_logps" in batch:
+            reference = batch["ref_logps"]
+        else:
+            reference = sequence_logprobs(*self.reference.token_logprobs(batch), average=self.kto.average_logprobs)
         return self.loss_fn(
             policy,
             reference,
@@ -148,6 +203,11 @@ def run(config: KTOConfig) -> TrainResult:
         max_length=config.data.max_length,
         autocast=lambda: autocast_context(config.trainer, run_info.device),
     )
+    if is_pipelined(model):
+        train_examples = algorithm.referenced(train_examples)
+        if eval_examples:
+            eval_examples = algorithm.referenced(eval_examples)
+        run_info.say("reference log-probs precomputed for every example through the reference's stages")
     return fit(
         run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm,
         train_examples=train_examples, eval_examples=eval_examples,

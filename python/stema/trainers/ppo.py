@@ -117,6 +117,7 @@ class Roles:
 
     def __init__(self, config: PPOConfig, run: Run, *, total_steps: int):
         backend = dict(backend=config.roles.backend, timeout_s=config.roles.call_timeout_s, ray_address=config.roles.ray_address)
+        model_parallel = (config.distributed.tp_size, config.distributed.pp_size)
         cache_dir = str(run.cache_dir)
         self.rollout = receivers = None
         if config.roles.placement == "disaggregated":
@@ -127,7 +128,8 @@ class Roles:
                                               **rollout_arguments(config))
             receivers = engine_receivers(self.rollout, timeout_s=config.roles.call_timeout_s)
         self.actor = start_role("actor", ActorWorker, **actor_arguments(config), cache_dir=cache_dir, total_steps=total_steps,
-                                workers=config.roles.actor_workers, engine_receivers=receivers, **backend)
+                                workers=config.roles.actor_workers, model_parallel=model_parallel, engine_receivers=receivers,
+                                **backend)
         self.reference = None
         if config.roles.reference != "lora":
             self.reference = start_role("reference", ReferenceWorker, model_cfg=config.model, trainer_cfg=config.trainer,
@@ -137,9 +139,10 @@ class Roles:
         if needs_critic(config.ppo.advantage):
             critic_cfg = dataclasses.replace(config.critic, path=critic_path(config, cache_dir=cache_dir))
             self.critic = start_role("critic", CriticWorker, model_cfg=critic_cfg, optim_cfg=config.critic_optim,
-                                     trainer_cfg=config.trainer, ppo_cfg=config.ppo, distributed_cfg=config.distributed,
+                                     trainer_cfg=config.trainer, ppo_cfg=config.ppo, rollout_cfg=config.rollout,
+                                     distributed_cfg=config.distributed, max_prompt_length=config.data.max_length,
                                      cache_dir=cache_dir, total_steps=total_steps, workers=config.roles.critic_workers,
-                                     **backend)
+                                     model_parallel=model_parallel, **backend)
         self.reward = start_role("reward", RewardWorker, reward_cfg=config.reward, dtype=config.model.dtype, cache_dir=cache_dir,
                                  folder=os.getcwd(), **backend)
 

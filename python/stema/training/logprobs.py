@@ -23,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import stema_kernels
+from stema.distributed.pipeline import is_pipelined
 from stema.models.loading import disable_adapters, is_lora_model, unwrap_lora
 
 IGNORE_INDEX = -100
@@ -82,13 +84,7 @@ def completion_token_logprobs(
     parts = lm_head_parts(model)
     if parts is None:
         logits = model(**inputs, use_cache=False).logits  # [N, T, V]
-        if temperature == 1.0 and not return_entropy:
-            return logits_token_logprobs(logits, batch)
-        outputs = stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX, **options)
-        if not return_entropy:
-            return outputs, mask
-        logprobs, entropy = outputs
-        return logprobs, mask, entropy * mask
+        return logits_token_logprobs(logits, batch, **options)
     backbone, head = parts
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # [N, T, H]
     logits = head(hidden[mask])  # [M, V], M = labelled positions
@@ -99,12 +95,20 @@ def completion_token_logprobs(
     return _scatter_to(mask, logprobs), mask, _scatter_to(mask, entropy)
 
 
-def logits_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs `[N, T]` fp32, 0 where unlabelled; mask `[N, T]`) from a model's logits
-    `[N, T, V]` computed elsewhere (a pipeline's last stage): what `completion_token_logprobs`
-    returns from the model's full forward."""
+def logits_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, temperature: float = 1.0,
+                          return_entropy: bool = False) -> tuple[torch.Tensor, ...]:
+    """(log-probs `[N, T]` fp32, 0 where unlabelled; mask `[N, T]`), plus the entropy `[N, T]`
+    fp32 (0 where unlabelled) when `return_entropy`, from a model's logits `[N, T, V]` computed
+    elsewhere (a pipeline's last stage): what `completion_token_logprobs` returns from the model's
+    full forward."""
     targets = next_token_labels(batch["labels"])  # [N, T]
-    return stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX), targets != IGNORE_INDEX
+    mask = targets != IGNORE_INDEX
+    outputs = stema_kernels.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX, temperature=temperature,
+                                           return_entropy=return_entropy)
+    if not return_entropy:
+        return outputs, mask
+    logprobs, entropy = outputs
+    return logprobs, mask, entropy * mask
 
 
 def _scatter_to(mask: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -118,6 +122,20 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, *, avera
     if not average:
         return total
     return total / mask.sum(-1).clamp(min=1)
+
+
+@torch.no_grad()
+def batched_sequence_logprobs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], *, average: bool,
+                              token_logprobs: Callable) -> list[torch.Tensor]:
+    """Sequence log-probs `[rows]` of each batch (on the device) without gradients: through the
+    model's pipeline stages when it has them (`Pipeline.forward_only`; every rank of the pipeline
+    group gets all the values, on the CPU), else from `token_logprobs(batch)` (the model's
+    `(token log-probs, mask)`: `completion_token_logprobs`, or a reference's `token_logprobs`)."""
+    if is_pipelined(model):
+        return model.pipeline.forward_only(
+            batches, output_of=lambda logits, batch: sequence_logprobs(*logits_token_logprobs(logits, batch), average=average).cpu()
+        )
+    return [sequence_logprobs(*token_logprobs(batch), average=average) for batch in batches]
 
 
 class ReferenceModel:

@@ -153,9 +153,10 @@ def place_model(run: Run, config: Any, model: torch.nn.Module) -> torch.nn.Modul
     from stema.distributed.role_model import place_on_world
 
     if run.world.pp_size > 1:
-        from stema.distributed.pipeline import place_pipeline
+        from stema.distributed.pipeline import pipeline_microbatches, place_pipeline
 
-        return place_pipeline(model, run.world, config)
+        return place_pipeline(model, run.world, config.distributed, length=config.data.max_length,
+                              microbatches=pipeline_microbatches(config.distributed, config.trainer, dp_size=run.world.dp_size))
 
     return place_on_world(model, run.world, config.distributed)
 
