@@ -340,8 +340,9 @@ def test_disaggregated_vllm_rollout_worker_refitted_from_two_fsdp_ranks(ray_sess
     """The trainer uses process groups (2 FSDP2 actor ranks), so the vLLM engine lives in a Ray
     actor of its own (the rollout role); every refit gathers the shards a bucket at a time and the
     rollout worker writes them into vLLM once the last arrives: from step 2 on, vLLM samples with
-    the updated policy, its log-probs equal the trainer's recompute."""
-    out = _cli("ppo", tmp_path, head_dim_32_model, "trainer.max_steps=3", "trainer.export_hf=false",
+    the updated policy, its log-probs equal the trainer's recompute (with lr 3e-3 a step moves them
+    by far more than LOGPROB_TOL: a refit that did not arrive fails this)."""
+    out = _cli("ppo", tmp_path, head_dim_32_model, "trainer.max_steps=3", "trainer.export_hf=false", "optim.lr=3e-3",
                "roles.backend=ray", "roles.actor_workers=2", "roles.placement=disaggregated", "roles.rollout_workers=1",
                "distributed.timeout_s=120", "roles.call_timeout_s=300", "roles.refit_bucket_mb=0.05")
     records = read_metrics(out, "train")
