@@ -202,8 +202,12 @@ class RolloutConfig:
     samples_per_prompt: int = option(1, "Responses generated per prompt (at least 2 for the rloo and grpo estimators).")
     max_new_tokens: int = option(64, "Longest response, in tokens.")
     temperature: float = option(1.0, "Sampling temperature (the trainer scores tokens at the same temperature).")
-    top_p: float = option(1.0, "Nucleus sampling: smallest set of tokens with this much probability (1: off).")
-    top_k: int = option(0, "Sample among the k most likely tokens (0: off).")
+    top_p: float = option(1.0, "Nucleus sampling: smallest set of tokens with this much probability (1: off). The "
+                          "sampling log-probs PPO's ratio uses stay those of the full temperature-scaled policy (what "
+                          "the trainer recomputes), not renormalized over the kept tokens; the vllm backend, which "
+                          "reports the renormalized ones, refuses top_p < 1.")
+    top_k: int = option(0, "Sample among the k most likely tokens (0: off). Log-probs as for top_p; the vllm backend "
+                        "refuses top_k > 0.")
     stop_strings: list[str] = option([], "Strings that end a response (besides EOS).")
     engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Engine weights dtype; 'auto': bf16 on GPU, fp32 on CPU.")
     max_batch: int = option(64, "Sequences an engine generates at once (its KV cache holds this many).")
