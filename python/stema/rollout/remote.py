@@ -70,14 +70,25 @@ class EngineSlots:
     @property
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """[(Hugging Face weight name, shape)] of the engine's weights, in refit order."""
-        return [(hf_name, tuple(view.shape)) for hf_name, view in self.slots.items()]
+        return named_shapes(self.slots)
 
     @torch.no_grad()
     def load(self, bucket: dict[str, torch.Tensor]) -> None:
         from stema_kernels import refit_
 
-        unknown = [name for name in bucket if name not in self.slots]
-        if unknown:
-            raise ValueError(f"rollout worker: the bucket has weights the engine does not hold: {unknown[:5]}")
+        check_bucket(bucket, self.slots)
         views = [self.slots[name] for name in bucket]
         refit_(views, [tensor.to(view.device) for tensor, view in zip(bucket.values(), views)])
+
+
+def named_shapes(tensors: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    """[(name, shape)] of `tensors`, in order: a receiver's layout."""
+    return [(name, tuple(tensor.shape)) for name, tensor in tensors.items()]
+
+
+def check_bucket(bucket: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> None:
+    """ValueError naming (up to 5) weights of `bucket` that the receiver (`held`: its weights by
+    name) does not hold."""
+    unknown = [name for name in bucket if name not in held]
+    if unknown:
+        raise ValueError(f"rollout worker: the bucket has weights the engine does not hold: {unknown[:5]}")

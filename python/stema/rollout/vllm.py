@@ -84,6 +84,7 @@ from .engine import RolloutBatch, checked_prompts, special_token_ids
 from .factory import register_backend
 from .hf import cut_response
 from .refit import LoraMerge, _active_module, _is_lora_layer, _merge_dtype
+from .remote import check_bucket, named_shapes
 from .sampling import SamplingParams, StopStringMatcher
 
 if importlib.util.find_spec("vllm") is None:  # `rollout.backend: vllm` without vllm: a ConfigError (factory)
@@ -406,14 +407,12 @@ class VLLMBucketReceiver:
     @property
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """[(Hugging Face weight name, shape)] of the weights a refit sends, in order."""
-        return [(name, tuple(tensor.shape)) for name, tensor in self.staging.items()]
+        return named_shapes(self.staging)
 
     @torch.no_grad()
     def load(self, bucket: dict[str, torch.Tensor]) -> None:
         """Stage one bucket; after the last one of a refit, write all the weights into vLLM."""
-        unknown = [name for name in bucket if name not in self.staging]
-        if unknown:
-            raise ValueError(f"vLLM bucket receiver: the bucket has weights the engine does not hold: {unknown[:5]}")
+        check_bucket(bucket, self.staging)
         for name, tensor in bucket.items():
             self.staging[name].copy_(tensor)
             self.missing.discard(name)
