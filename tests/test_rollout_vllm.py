@@ -171,6 +171,19 @@ def test_one_engine_per_process(tied_generator, tokenizer):
 
 
 @needs_vllm
+def test_the_factory_refuses_vllm_in_a_process_of_a_distributed_world(tokenizer):
+    """A trainer rank of a 2-process world (rs or spin under torchrun, an FSDP actor rank) holds a
+    process group; an in-process vLLM engine would start its own: refused before vLLM is built."""
+    from stema.config import ConfigError, RolloutConfig
+    from stema.distributed.world import World
+    from stema.rollout import build_generator
+
+    with pytest.raises(ConfigError, match="rollout.backend: vllm runs an in-process engine.*disaggregated"):
+        build_generator(_model(tokenizer, seed=1), RolloutConfig(backend="vllm"), world=World(role="actor", world_size=2),
+                        max_batch=8, max_total_len=64)
+
+
+@needs_vllm
 def test_the_host_process_keeps_torch_set_num_threads(tied_generator):
     """vLLM's CPU worker replaces torch.set_num_threads with a no-op; the generator restores it."""
     threads = torch.get_num_threads()
