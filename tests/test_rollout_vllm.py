@@ -306,9 +306,11 @@ SMALL = [
 ]
 
 
-def starts_with_one(prompt, completion):
-    """A reward a tiny random policy can learn in a few steps."""
-    return 1.0 if completion.startswith("1") else 0.0
+def starts_with_digit(prompt, completion):
+    """A reward a tiny random policy can learn in a few steps: about 1 in 10 of its completions
+    earn it at first (each step's samples are fresh draws, so a sparser reward may give no signal
+    for 15 steps)."""
+    return 1.0 if completion[:1].isdigit() else 0.0
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +331,7 @@ def test_vllm_backend_learns_like_stemas_engine(exclusive, tmp_path, head_dim_32
     the last 4 steps > first 4 + 0.2), and vLLM's sampling log-probs equal the trainer's
     recompute after every refit (the mismatch metric, PPO's ratio at the first epoch)."""
     learn = ["trainer.max_steps=15", "optim.lr=3e-3", "optim.schedule=constant",
-             f"reward.function={__name__}:starts_with_one", "trainer.export_hf=false"]
+             f"reward.function={__name__}:starts_with_digit", "trainer.export_hf=false"]
     curves = {}
     for backend in ("stema", "vllm"):
         out = _cli(command, tmp_path / backend, head_dim_32_model, *learn, f"rollout.backend={backend}")
