@@ -18,7 +18,7 @@ from stema.rollout import (
     logprob_mismatch,
     response_token_logprobs,
 )
-from stema.rollout.sampling import StopStringMatcher, prompt_generators, sample_next_tokens
+from stema.rollout.sampling import StopStringMatcher, prompt_generators, sample_next_tokens, step_seed
 
 from tiny_models import scramble
 
@@ -373,3 +373,16 @@ def test_bad_inputs_raise(tokenizer):
             SamplingParams(**bad)
     with pytest.raises(TypeError, match="stop_strings"):
         SamplingParams(stop_strings="abc")
+
+
+def test_consecutive_training_steps_draw_new_streams(tokenizer):
+    """PPO seeds step k's prompts with step_seed(seed, k) + index. With base seed + k instead,
+    prompt i of step k + 1 would sample prompt i + 1's stream of step k: a group of equal prompts
+    (GRPO) would get the previous step's samples back, shifted by one."""
+    model = scramble(build_family_model("llama", tokenizer=tokenizer), seed=1)
+    engine = GenerationEngine.from_hf(model, max_batch=8, max_total_len=32)
+    group = [PROMPTS[0]] * 8
+    samples = [engine.generate(group, SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW, seed=step_seed(0, step),
+                                                     eos_token_ids=())).token_ids for step in (1, 2)]
+    assert len({tuple(tokens) for tokens in samples[0]}) == len(group)  # a group's samples differ
+    assert not set(map(tuple, samples[1])) & set(map(tuple, samples[0]))

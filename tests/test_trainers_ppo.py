@@ -26,9 +26,11 @@ SMALL = [
 ]
 
 
-def starts_with_one(prompt, completion):
-    """A reward a tiny random policy can learn in a few steps."""
-    return 1.0 if completion.startswith("1") else 0.0
+def starts_with_digit(prompt, completion):
+    """A reward a tiny random policy can learn in a few steps: about 1 in 10 of its completions
+    earn it at first (each step's samples are fresh draws, so a sparser reward may give no signal
+    for 15 steps)."""
+    return 1.0 if completion[:1].isdigit() else 0.0
 
 
 def first_character_below_m(prompt, completion):
@@ -74,7 +76,7 @@ def test_grpo_command_defaults_to_groups_and_kl_in_the_loss(tmp_path):
 
 def test_grpo_raises_a_reward_the_tiny_policy_can_learn(tmp_path):
     out = cli("grpo", tmp_path, "trainer.max_steps=15", "optim.lr=3e-3", "optim.schedule=constant",
-              f"reward.function={__name__}:starts_with_one", "trainer.export_hf=false")
+              f"reward.function={__name__}:starts_with_digit", "trainer.export_hf=false")
     rewards = [r["reward"] for r in read_metrics(out, "train")]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.2, rewards
 

@@ -202,15 +202,21 @@ class RolloutConfig:
     samples_per_prompt: int = option(1, "Responses generated per prompt (at least 2 for the rloo and grpo estimators).")
     max_new_tokens: int = option(64, "Longest response, in tokens.")
     temperature: float = option(1.0, "Sampling temperature (the trainer scores tokens at the same temperature).")
-    top_p: float = option(1.0, "Nucleus sampling: smallest set of tokens with this much probability (1: off).")
-    top_k: int = option(0, "Sample among the k most likely tokens (0: off).")
+    top_p: float = option(1.0, "Nucleus sampling: smallest set of tokens with this much probability (1: off). The "
+                          "sampling log-probs PPO's ratio uses stay those of the full temperature-scaled policy (what "
+                          "the trainer recomputes), not renormalized over the kept tokens; the vllm backend, which "
+                          "reports the renormalized ones, refuses top_p < 1.")
+    top_k: int = option(0, "Sample among the k most likely tokens (0: off). Log-probs as for top_p; the vllm backend "
+                        "refuses top_k > 0.")
     stop_strings: list[str] = option([], "Strings that end a response (besides EOS).")
     engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Engine weights dtype; 'auto': bf16 on GPU, fp32 on CPU.")
     max_batch: int = option(64, "Sequences an engine generates at once (its KV cache holds this many).")
     num_engines: int = option(1, "Rollout engines (each its own weight copy) pulling prompt batches from the load-balancing scheduler.")
     backend: Literal["stema", "hf", "vllm"] = option(
         "stema", "Generation backend: 'stema' (STEMA's engine; transformers' generate for families it does not serve), "
-        "'hf' (transformers' generate on the policy), 'vllm' (needs the vllm extra)."
+        "'hf' (transformers' generate on the policy), 'vllm' (an in-process vLLM engine refitted in place; needs the vllm "
+        "extra, rollout.top_p 1, rollout.top_k 0, rollout.num_engines 1, and roles.placement disaggregated with several "
+        "actor workers)."
     )
 
 
@@ -789,6 +795,8 @@ def _validate_ppo(config: PPOConfig) -> None:
     if config.roles.reference == "lora" and not config.model.lora.enabled:
         raise ConfigError("roles.reference: 'lora' needs model.lora.enabled (the reference is the actor with adapters disabled)")
     _validate_role_groups(config)
+    if config.rollout.backend == "vllm":
+        _validate_vllm_rollout(config)
     for name, value in (("rollout.samples_per_prompt", config.rollout.samples_per_prompt), ("rollout.max_new_tokens", config.rollout.max_new_tokens),
                         ("rollout.max_batch", config.rollout.max_batch), ("rollout.num_engines", config.rollout.num_engines),
                         ("ppo.ppo_epochs", config.ppo.ppo_epochs)):
@@ -803,6 +811,26 @@ def _validate_ppo(config: PPOConfig) -> None:
         )
     if config.ppo.clip_ratio <= 0 or config.rollout.temperature <= 0:
         raise ConfigError("ppo.clip_ratio and rollout.temperature must be > 0")
+
+
+def _validate_vllm_rollout(config: PPOConfig) -> None:
+    """ConfigError naming the first setting `rollout.backend: vllm` cannot serve (see
+    `stema.rollout.vllm`): its log-probs are those of the truncated distribution under top-p /
+    top-k; an in-process engine starts a torch.distributed group of its own, so it is one engine
+    per process, and in the actor's process only when the actor is one process."""
+    rollout, roles = config.rollout, config.roles
+    for name, value, allowed in (("rollout.top_p", rollout.top_p, 1.0), ("rollout.top_k", rollout.top_k, 0)):
+        if value != allowed:
+            raise ConfigError(f"{name}: rollout.backend vllm reports log-probs of the top-p/top-k truncated distribution, "
+                              f"not the full policy PPO's ratio needs; it needs {name} {allowed} (got {value})")
+    if rollout.num_engines != 1:
+        raise ConfigError(f"rollout.num_engines: rollout.backend vllm runs one in-process vLLM engine per process (it starts a "
+                          f"torch.distributed group of its own); it needs rollout.num_engines 1 (got {rollout.num_engines}); "
+                          "more engines: roles.rollout_workers with roles.placement disaggregated")
+    if roles.placement == "colocated" and roles.actor_workers != 1:
+        raise ConfigError(f"roles.actor_workers: rollout.backend vllm runs its in-process engine beside the trainer, which "
+                          f"starts a torch.distributed group of its own, so not in {roles.actor_workers} actor ranks; with "
+                          "several actor workers put the engines in the rollout role (roles.placement: disaggregated)")
 
 
 def _validate_role_groups(config: PPOConfig) -> None:

@@ -89,6 +89,13 @@ class ActorWorker:
     def ready(self) -> bool:
         return True
 
+    def close(self) -> None:
+        """Shut down engines that hold resources beyond their tensors (a vLLM engine: one is alive
+        per process, so a later run in this process can build its own)."""
+        for engine in self.engines:
+            if hasattr(engine, "close"):
+                engine.close()
+
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
 

@@ -61,7 +61,8 @@ def _method_name(worker_class: type, method: Callable) -> str:
 
 
 class LocalHandle:
-    """A worker object in this process; calls run on the handle's own thread."""
+    """A worker object in this process; calls run on the handle's own thread. `close()` waits for
+    them, then calls the worker's own `close()` where it has one (what a Ray actor's end does)."""
 
     def __init__(self, role: str, worker: Any, *, timeout_s: float):
         self.role = role
@@ -76,6 +77,8 @@ class LocalHandle:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        if hasattr(self.worker, "close"):
+            self.worker.close()
 
 
 class RayHandle:

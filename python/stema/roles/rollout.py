@@ -118,27 +118,26 @@ def generate_with_pool(pool, tokenizer: Any, rollout_cfg: RolloutConfig, prompt_
 
 
 class RolloutWorker:
-    """One rollout worker: `rollout.num_engines` generation engines and nothing to train.
+    """One rollout worker: `rollout.num_engines` generators of `rollout.backend` and nothing to train.
 
     Attributes:
-        engines: the `GenerationEngine`s.
-        slots: per engine, {Hugging Face weight name: the engine buffer (or view of a fused
-            buffer) it fills}; built once, used by every `load_bucket`.
+        engines: the generators (`GenerationEngine`s, or one `VLLMGenerator`: vLLM's in-process
+            engine lives in this Ray actor, away from the actor's process groups).
+        receivers: per engine, what takes the weights of a refit bucket by bucket
+            (`engine.bucket_receiver(model)`: `stema.rollout.remote.EngineSlots`, or vLLM's);
+            built once, used by every `load_bucket`.
     """
 
     def __init__(self, *, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, max_prompt_length: int, cache_dir: str):
         from stema.models.loading import load_policy
         from stema.rollout import RolloutPool
-        from stema.rollout.architecture import unwrap_hf_model
-        from stema.rollout.refit import weight_pairs
 
         self.rollout_cfg = rollout_cfg
         self.device = role_device()
         model, self.tokenizer = load_policy(model_cfg, cache_dir=cache_dir)
         model.to(self.device)
         self.engines = build_engines(model, rollout_cfg, max_prompt_length=max_prompt_length)
-        self.slots = [{hf_name: view for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)}
-                      for engine in self.engines]
+        self.receivers = [engine.bucket_receiver(model) for engine in self.engines]
         del model  # the engines hold the weights now
         self.pool = RolloutPool(self.engines, max_batch=rollout_cfg.max_batch)
 
@@ -147,7 +146,7 @@ class RolloutWorker:
 
     def weight_layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """[(Hugging Face weight name, shape)] of the engines' weights, in refit order."""
-        return [(hf_name, tuple(view.shape)) for hf_name, view in self.slots[0].items()]
+        return self.receivers[0].layout
 
     @split_rows(merge=merge_generations, pass_block=True)
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, seed: int, greedy: bool = False,
@@ -159,17 +158,12 @@ class RolloutWorker:
 
     @torch.no_grad()
     def load_bucket(self, parcel: Any) -> int:
-        """Copy one bucket of weights (what `send_bucket` sent) into every engine, in place (cast to
-        the engine's dtype by `refit_`); returns the number of weights copied."""
-        from stema_kernels import refit_
-
+        """Copy one bucket of weights (what `send_bucket` sent) into every engine through its
+        receiver (STEMA's engine: in place, cast to its dtype by `refit_`); returns the number of
+        weights copied."""
         bucket = received_bucket(parcel)
-        for slots in self.slots:
-            unknown = [name for name in bucket if name not in slots]
-            if unknown:
-                raise ValueError(f"rollout worker: the bucket has weights the engine does not hold: {unknown[:5]}")
-            views = [slots[name] for name in bucket]
-            refit_(views, [tensor.to(view.device) for tensor, view in zip(bucket.values(), views)])
+        for receiver in self.receivers:
+            receiver.load(bucket)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return len(bucket)

@@ -11,6 +11,8 @@
   weights at a time; `remote`: `RemoteRefitter`, buckets sent to engines in other processes.
 - `hf`: `HFGenerator`, the same interface over transformers' own `generate`, for model families
   the engine does not implement (GPT-2, Gemma, Phi-3, ...).
+- `vllm` (not imported here: it imports vLLM): `VLLMGenerator` / `VLLMRefitter`, the `vllm`
+  backend, registered when the factory first asks for it.
 - `workers`: `RolloutPool`, several engines in threads pulling prompt batches from
   `stema_kernels.Scheduler`.
 - `metrics`: `response_token_logprobs` (the trainer's recompute) and `logprob_mismatch`.

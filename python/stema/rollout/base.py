@@ -13,7 +13,8 @@ gets is decided in one place, `stema.rollout.factory.build_generator` (`rollout.
 
 Implementations: `GenerationEngine` (STEMA's engine; refitters `EngineRefitter` in one process,
 `BucketedRefitter` from FSDP2 shards), `HFGenerator` (transformers' generate; its refitter copies
-nothing), and `RemoteRefitter` for engines in other processes (placement disaggregated).
+nothing), `VLLMGenerator` (`stema.rollout.vllm`, an in-process vLLM engine; `VLLMRefitter`), and
+`RemoteRefitter` for engines in other processes (placement disaggregated).
 """
 
 from __future__ import annotations

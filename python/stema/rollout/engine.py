@@ -225,6 +225,13 @@ class GenerationEngine:
 
         return engine_refitter(self, model, world=world, bucket_bytes=bucket_bytes)
 
+    def bucket_receiver(self, model: torch.nn.Module):
+        """What copies weights sent bucket by bucket from a trainer in another process into this
+        engine (`stema.rollout.remote.EngineSlots`); `model` is the model it was built from."""
+        from .remote import EngineSlots
+
+        return EngineSlots(self, model)
+
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every buffer the engine allocated at construction (weights, KV cache, key mask)."""
         return {**self.weights.buffers(), "kv_cache": self.cache.tensor, "key_valid": self.cache.key_valid}

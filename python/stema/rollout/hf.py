@@ -134,7 +134,7 @@ class HFGenerator:
                 chunk = prompts[start : start + self.max_batch]
                 responses, logprobs = self._generate_chunk(chunk, params, eos_token_ids)
                 for prompt, response, row_logprobs in zip(chunk, responses, logprobs):
-                    sequences.append(_ended(prompt, response, row_logprobs, eos=frozenset(eos_token_ids),
+                    sequences.append(cut_response(prompt, response, row_logprobs, eos=frozenset(eos_token_ids),
                                             stop_matcher=stop_matcher, tokenizer=tokenizer))
         return RolloutBatch(sequences, self.pad_token_id)
 
@@ -173,7 +173,7 @@ class HFGenerator:
                                limit=f"the {self.model_type} model's max_position_embeddings")
 
 
-def _ended(prompt: list[int], generated: list[int], logprobs: torch.Tensor, *, eos: frozenset[int],
+def cut_response(prompt: list[int], generated: list[int], logprobs: torch.Tensor, *, eos: frozenset[int],
            stop_matcher: StopStringMatcher, tokenizer) -> Rollout:
     """The `Rollout` of one row of transformers' output: its tokens up to the first EOS, the token
     that completes a stop string, or max_new_tokens, whichever comes first (the engine's rule)."""

@@ -8,6 +8,10 @@ The trainer's (possibly FSDP2-sharded) weights are gathered whole a bucket at a 
 bucket {Hugging Face weight name: whole tensor} to `send`, which returns once every receiving
 engine has copied it in place, so at most one bucket is in flight. The transport is the caller's
 (`stema.roles.rollout.send_bucket`: the Ray object store), so this module imports no Ray.
+
+The receiving side is the engine's `bucket_receiver(model)`: `EngineSlots` for STEMA's engine
+(each weight copied into its engine buffer by the `refit_` kernel), `VLLMBucketReceiver` for vLLM
+(`stema.rollout.vllm`). Either has `layout` (what the trainer gathers, in order) and `load(bucket)`.
 """
 
 from __future__ import annotations
@@ -46,3 +50,45 @@ class RemoteRefitter:
                 continue
             self.send(dict(zip(self.weights.names[start:stop], tensors)))
             self.sent_buckets += 1
+
+
+class EngineSlots:
+    """The receiving side for a `GenerationEngine`: {Hugging Face weight name: the engine buffer
+    (or view of a fused buffer) it fills}, built once from the model the engine was built from;
+    `load` copies a bucket in place (cast to the engine's dtype by `refit_`).
+
+    Attributes:
+        slots: {Hugging Face weight name: engine buffer view}.
+    """
+
+    def __init__(self, engine, model: torch.nn.Module):
+        from .architecture import unwrap_hf_model
+        from .refit import weight_pairs
+
+        self.slots = {hf_name: view for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)}
+
+    @property
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """[(Hugging Face weight name, shape)] of the engine's weights, in refit order."""
+        return named_shapes(self.slots)
+
+    @torch.no_grad()
+    def load(self, bucket: dict[str, torch.Tensor]) -> None:
+        from stema_kernels import refit_
+
+        check_bucket(bucket, self.slots)
+        views = [self.slots[name] for name in bucket]
+        refit_(views, [tensor.to(view.device) for tensor, view in zip(bucket.values(), views)])
+
+
+def named_shapes(tensors: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    """[(name, shape)] of `tensors`, in order: a receiver's layout."""
+    return [(name, tuple(tensor.shape)) for name, tensor in tensors.items()]
+
+
+def check_bucket(bucket: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> None:
+    """ValueError naming (up to 5) weights of `bucket` that the receiver (`held`: its weights by
+    name) does not hold."""
+    unknown = [name for name in bucket if name not in held]
+    if unknown:
+        raise ValueError(f"rollout worker: the bucket has weights the engine does not hold: {unknown[:5]}")

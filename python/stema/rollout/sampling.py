@@ -121,6 +121,17 @@ class SamplingParams:
         return float(self.temperature) if self.temperature > 0 else 1.0
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The base seed of a training step's sampling streams (prompt i samples from base + i): a
+    62-bit hash of (seed, step). Consecutive bases (seed + step) would give prompt i of step k + 1
+    the stream of prompt i + 1 of step k, so every step would replay the previous one's random
+    draws shifted by a prompt (with a near-uniform policy: the same samples); hashed bases keep the
+    steps' stream ranges apart."""
+    import numpy
+
+    return int(numpy.random.SeedSequence([seed, step]).generate_state(1, dtype=numpy.uint64)[0] >> 2)
+
+
 def prompt_generators(seed: int | None, indices, device: torch.device) -> list[torch.Generator]:
     """One torch.Generator on `device` per prompt, seeded with `seed + index` for each of the
     prompts' stream `indices` (`seed` None: a fresh random base seed drawn here). See the module

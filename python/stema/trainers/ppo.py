@@ -53,6 +53,7 @@ from stema.roles.reference import ReferenceWorker
 from stema.roles.reward import RewardWorker
 from stema.rollout import logprob_mismatch
 from stema.rollout.factory import check_ppo_generation
+from stema.rollout.sampling import step_seed
 from stema.training import checkpoint
 from stema.training.logging import MetricsLogger, progress_bar
 from stema.training.sampler import EpochSampler
@@ -294,7 +295,7 @@ class PPOController:
         return metrics
 
     def sample_seed(self, step: int) -> int:
-        return self.config.trainer.seed * 1_000_003 + step
+        return step_seed(self.config.trainer.seed, step)
 
     def evaluate(self) -> dict[str, float]:
         """Mean reward of greedy responses to the held-out prompts (exact-match accuracy for the built-in task)."""
