@@ -345,7 +345,8 @@ def test_pipeline_dead_or_hung_stage_is_named_with_its_rank_and_stage(untied_lla
         rank_1.kill()
     finish([rank_1], timeout=10)
     assert code_0 not in (0, None, -9), err_0[-2000:]
-    message = next(line for line in err_0.splitlines() if "CollectiveError:" in line)
+    message = next((line for line in err_0.splitlines() if "CollectiveError:" in line), None)
+    assert message is not None, err_0[-3000:]
     print(f"{behaviour}: {message}")
     assert "sft rank 0 (pipeline stage 0) of 2" in message
     assert "waits on the stages of its pipeline: rank 1 (pipeline stage 1), last finished step 1" in message
