@@ -121,8 +121,8 @@ class Demo:
 
     def sampled_pairs(self) -> dict[str, Path]:
         """The SFT model's own preference pairs, made once and shared by the reward model and DPO:
-        `train` from the first `num_train` training prompts, `eval` from the held-out prompts (see
-        `write_sampled_pairs`)."""
+        `train` from `num_train` training prompts (drawn with the seed), `eval` from the held-out
+        prompts (see `write_sampled_pairs`)."""
         if self.pairs is None:
             folder = self.out / "pairs"
             prompts = {"train": [r["prompt"] for r in builtin.prompt_records(self.config.num_train, self.config.seed)], "eval": self.heldout}
@@ -151,10 +151,10 @@ def write_sampled_pairs(model_path: Path, prompts: list, *, path: Path, samples:
     """Preference pairs from the model's own samples, labelled by the task's verifier: `samples`
     answers sampled (temperature 1) for each prompt; a prompt with at least one right and one wrong
     answer among those that ended (EOS) and are not empty gives the pair (first right, first wrong);
-    the others give none. Written to
-    `path` as JSONL preference records (chosen_reward 1, rejected_reward 0); returns `path`. No
-    written answer is used: the online/iterative DPO setting (Xiong et al. 2024,
-    https://arxiv.org/abs/2312.11456; Pang et al. 2024, https://arxiv.org/abs/2404.19733)."""
+    the others give none. Written to `path` as JSONL preference records (chosen_reward 1,
+    rejected_reward 0); returns `path`. No written answer is used: the online/iterative DPO setting
+    (Xiong et al. 2024, https://arxiv.org/abs/2312.11456; Pang et al. 2024,
+    https://arxiv.org/abs/2404.19733)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stema.config import SamplingConfig
