@@ -12,9 +12,15 @@ from stema.models import tiny
 
 
 def solve(question: str) -> int:
-    """The answer computed independently of the module: parse 'What is A+B?' and do the arithmetic."""
-    left, op, right = re.fullmatch(r"What is (\d+)([+-])(\d+)\?", question).groups()
-    return int(left) + int(right) if op == "+" else int(left) - int(right)
+    """The answer computed independently of the module: parse 'A+B' (digits least-significant first) and add."""
+    left, right = re.fullmatch(r"(\d\d)\+(\d\d)", question).groups()
+    return int(left[::-1]) + int(right[::-1])
+
+
+def read(answer: str) -> int:
+    """The number a 3-digit least-significant-first answer stands for ('580' -> 85)."""
+    assert re.fullmatch(r"\d\d\d", answer), answer
+    return int(answer[::-1])
 
 
 def test_records_are_deterministic_per_seed_and_distinct_questions():
@@ -30,7 +36,7 @@ def test_heldout_prompts_are_disjoint_from_every_training_question():
     heldout = {builtin.question_text(question) for question in builtin.questions(heldout=True)}
     assert not training & heldout
     assert 0.08 < len(heldout) / (len(training) + len(heldout)) < 0.12
-    assert len(training) + len(heldout) == 100 * 100 + 100 * 101 // 2  # every A+B and every A-B with A >= B
+    assert len(training) + len(heldout) == 100 * 100  # every A+B with A, B in 0..99
     prompts = builtin.heldout_prompts(300, seed=7)
     assert all(prompt[0]["content"] in heldout for prompt in prompts)
     with pytest.raises(DataError, match="has .* held-out questions; asked for 100000"):
@@ -40,14 +46,18 @@ def test_heldout_prompts_are_disjoint_from_every_training_question():
 def test_answers_and_rewards_are_correct():
     for record in builtin.sft_records(300, seed=2):
         question, completion = record["prompt"][0]["content"], record["completion"][0]["content"]
-        assert int(completion) == solve(question) >= 0
+        assert read(completion) == solve(question)
         assert builtin.reward(record["prompt"], completion) == 1.0
-    prompt = [{"role": "user", "content": "What is 37+48?"}]
-    assert [builtin.reward(prompt, text) for text in ("85", " 85\n", "84", "85 86", "eighty-five", "", "085x")] == [1, 1, 0, 0, 0, 0, 0]
-    assert builtin.reward("What is 52-37?", "15") == 1.0 and builtin.reward("What is 52-37?", "-15") == 0.0
-    assert builtin.extract_answer(" -12 ") == -12 and builtin.extract_answer("12.0") is None
+    prompt = [{"role": "user", "content": "73+84"}]  # 37+48 = 85
+    texts = ("580", " 580\n", "85", "085", "58", "581", "580 581", "eighty-five", "", "580x")
+    assert [builtin.reward(prompt, text) for text in texts] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert builtin.reward("25+84", "001") == 1.0 and builtin.reward("25+84", "100") == 0.0  # 52+48 = 100
+    assert builtin.reward("70+35", "060") == 1.0  # 7+53 = 60
+    assert builtin.extract_answer(" 580 ") == 85 and builtin.extract_answer("-12") is None
+    assert builtin.digit_reward(prompt, "580") == 1.0 and builtin.digit_reward(prompt, "581") == 0.5 * 2 / 3
+    assert builtin.digit_reward(prompt, "085") == 0.5 / 3 and builtin.digit_reward(prompt, "x") == 0.0  # only the tens agree
     with pytest.raises(ValueError, match="not a built-in task question"):
-        builtin.reward("Tell me a joke", "85")
+        builtin.reward("Tell me a joke", "580")
 
 
 def test_rejected_answers_are_plausible_mistakes():
@@ -55,14 +65,14 @@ def test_rejected_answers_are_plausible_mistakes():
     mistakes = []
     for record in records:
         question = record["prompt"][0]["content"]
-        chosen, rejected = int(record["chosen"][0]["content"]), int(record["rejected"][0]["content"])
+        chosen, rejected = read(record["chosen"][0]["content"]), read(record["rejected"][0]["content"])
         assert chosen == solve(question) and rejected != chosen and rejected >= 0
-        assert builtin.reward(record["prompt"], str(rejected)) == 0.0
+        assert builtin.reward(record["prompt"], record["rejected"][0]["content"]) == 0.0
         assert (record["chosen_reward"], record["rejected_reward"]) == (1.0, 0.0)
         mistakes.append(abs(rejected - chosen))
     assert {1, 10} <= set(mistakes) and any(gap not in (1, 10) for gap in mistakes)  # digit slips and carry slips
     rng = random.Random(0)
-    assert {builtin.wrong_answer((37, "+", 48), rng) for _ in range(100)} == {75, 84, 86, 95}  # 75: the carry forgotten
+    assert {builtin.wrong_answer((37, 48), rng) for _ in range(100)} == {75, 84, 86, 95}  # 75: the carry forgotten
 
 
 def test_builtin_resolves_from_data_config_and_matches_the_written_files(tmp_path):
@@ -71,7 +81,7 @@ def test_builtin_resolves_from_data_config_and_matches_the_written_files(tmp_pat
     train, report = load_sft_data(config, tokenizer)
     heldout, _ = load_sft_data(config, tokenizer, split="eval")
     assert (len(train), len(heldout), report.kept) == (40, 10, 40)
-    assert tokenizer.decode(train[0].input_ids).startswith("<s><|user|>What is ")
+    assert re.fullmatch(r"<s><\|user\|>\d\d\+\d\d<\|end\|><\|assistant\|>\d\d\d<\|end\|>", tokenizer.decode(train[0].input_ids))
     written = builtin.write_builtin(tmp_path, train_size=40, eval_size=10)
     assert sorted(written) == ["preference_eval", "preference_train", "prompts_eval", "prompts_train", "sft_eval", "sft_train"]
     from_files, _ = load_sft_data(DataConfig(train=str(written["sft_train"]), eval=str(written["sft_eval"])), tokenizer)

@@ -42,8 +42,8 @@ def test_bad_specs_are_config_errors_naming_the_field(spec, match):
 
 
 def test_score_with_function_scores_each_pair_and_rejects_non_numbers():
-    prompts = [[{"role": "user", "content": "What is 2+3?"}]] * 3
-    rewards = score_with_function(builtin.reward, prompts, ["5", " 5 ", "6"])
+    prompts = [[{"role": "user", "content": "20+30"}]] * 3  # 2+3, written least-significant digit first
+    rewards = score_with_function(builtin.reward, prompts, ["500", " 500 ", "600"])
     assert rewards.dtype == torch.float32
     assert rewards.tolist() == [1.0, 1.0, 0.0]
     with pytest.raises(RewardFunctionError, match="prompt 1, .*expected a finite number"):

@@ -1,17 +1,25 @@
 """`stema demo`: the built-in tiny model and arithmetic task end to end on a CPU, with no download.
 
+The setting is the classic RLHF one, stated as such: demonstrations are scarce, prompts are plentiful.
+`num_demonstrations` (300) training questions come with a written answer; `num_train` (4000) more have
+only the task's verifier (`stema.data.builtin.reward`), no written answer. docs/demo.md has the
+measurements behind every number here.
+
 A recipe on top of the trainers (it wires them; no library code imports it):
 1. `base`: write the tiny Llama (random weights) and measure held-out exact-match accuracy.
-2. `sft`: supervised fine-tuning on the built-in questions and answers; accuracy again.
-3. `rm`: a Bradley-Terry reward model from the SFT model on the built-in preference pairs
-   (right answer vs a plausible mistake); pairwise accuracy on held-out pairs.
+2. `sft`: supervised fine-tuning on the demonstrations, to where its held-out loss stops falling;
+   accuracy again.
+3. `rm`: a Bradley-Terry reward model from the SFT model on the SFT model's own pairs (see
+   `write_sampled_pairs`: answers it sampled for the `num_train` prompts, a right one chosen and a
+   wrong one rejected by the verifier); pairwise accuracy on pairs sampled the same way for the
+   held-out prompts.
 4. `dpo`: DPO (with the chosen answers' NLL added, see DPO_SFT_LOSS_WEIGHT) from the SFT model,
-   which is also its reference, on the same preference pairs; exact-match and preference accuracy
-   again.
-5. `ppo`: PPO from the SFT model (not the DPO one), every role local: the actor generates with
-   the rollout engine refitted in place, rewards come from the task's verifiable reward (see
-   PPO_* below), held-out exact-match accuracy is evaluated greedily along the way; KL to the
-   reference (the SFT model) is reported. Curves: `ppo_reward.png`, `ppo_kl.png`,
+   which is also its reference, on the same sampled pairs: one round of online/iterative DPO.
+   Exact-match and preference accuracy again.
+5. `ppo`: GRPO from the SFT model (not the DPO one) on the `num_train` prompts, every role local:
+   the actor generates with the rollout engine refitted in place, rewards come from the task's
+   verifier (see PPO_* below), held-out exact-match accuracy is evaluated greedily along the way;
+   KL to the reference (the SFT model) is reported. Curves: `ppo_reward.png`, `ppo_kl.png`,
    `ppo_accuracy.png`.
 
 Stages outside the default (run by `--stages all` or by name), each from the SFT model:
@@ -64,17 +72,14 @@ MAX_NEW_TOKENS = 6  # answers are at most 3 digits, then <|end|>
 DPO_BETA = 1.0
 DPO_LR = 1e-3
 DPO_SFT_LOSS_WEIGHT = 1.0
-# PPO stage (see stage_ppo): group-normalized advantages over 8 samples per prompt, rewarded by
-# the task's exact-match function. On the tiny model this does not yet lift held-out exact match:
-# from the default 600-step SFT model (~5%) runs of 60-100 steps (lr 1e-4..5e-4, GAE + critic, the
-# partial-credit `builtin_digits` reward) stayed within a point; from a 2400-step SFT model (~44%,
-# `sft_steps=2400`) GRPO runs of 60-200 steps, 16-64 prompts, lr 1e-4..5e-4 ended between -6 and
-# +2 points (lr 1e-3 collapsed), while 200 more supervised steps at lr 2e-4 gave +2; from 1800-step
-# SFT models, 300 steps of 32 prompts x 8 (GRPO, its digit reward, or GAE) gave +3.7..+5.9 on seed 0
-# (22.5%) and -1.0..+0.4 on seed 1 (11.7%). See docs/demo.md.
-PPO_LR = 1e-4
+# PPO stage (see stage_ppo): GRPO, group-normalized advantages over 8 samples per prompt, rewarded by
+# the task's exact-match verifier. Most groups of the SFT model are all right (zero advantage), so a
+# step takes 64 prompts; at lr 1e-3 the policy drifts away (reward and accuracy fall within 10 steps),
+# lr 1e-4 gains less than 2e-4 in 60 steps.
+# Measurements: docs/demo.md.
+PPO_LR = 2e-4
 PPO_SAMPLES = 8
-PPO_PROMPTS = 16
+PPO_PROMPTS = 64
 PPO_KL_COEF = 0.01
 PPO_REWARD = "builtin"
 DEFAULT_STAGES = ("sft", "rm", "dpo", "ppo")
@@ -103,6 +108,7 @@ class Demo:
         self.results: dict[str, dict] = {}
         self.policy_path: Path | None = None  # the newest policy (base, then sft, ...)
         self.sft_path: Path | None = None
+        self.pairs: dict[str, Path] | None = None
 
     def trainer_config(self, stage: str, *, steps: int) -> TrainerConfig:
         return TrainerConfig(
@@ -115,11 +121,25 @@ class Demo:
             progress_bar=self.config.progress_bar,
         )
 
-    def data_config(self) -> DataConfig:
+    def data_config(self, size: int | None = None) -> DataConfig:
+        """The built-in task with `size` training questions (default `num_train`) and the held-out set."""
         return DataConfig(
-            train="builtin", eval="builtin", builtin_size=self.config.num_train,
+            train="builtin", eval="builtin", builtin_size=self.config.num_train if size is None else size,
             builtin_eval_size=self.config.num_heldout, max_length=64,
         )
+
+    def sampled_pairs(self) -> dict[str, Path]:
+        """The SFT model's own preference pairs, made once and shared by the reward model and DPO:
+        `train` from `num_train` training prompts (drawn with the seed), `eval` from the held-out
+        prompts (see `write_sampled_pairs`)."""
+        if self.pairs is None:
+            folder = self.out / "pairs"
+            prompts = {"train": [r["prompt"] for r in builtin.prompt_records(self.config.num_train, self.config.seed)], "eval": self.heldout}
+            self.pairs = {
+                split: write_sampled_pairs(self.sft_path, chosen_prompts, path=folder / f"{split}.jsonl", samples=self.config.pair_samples, seed=self.config.seed)
+                for split, chosen_prompts in prompts.items()
+            }
+        return self.pairs
 
     def policy_scores(self, model_path: Path) -> dict[str, float]:
         """The model at `model_path` (loaded once) on the held-out data: greedy exact-match
@@ -136,6 +156,41 @@ class Demo:
         }
 
 
+def write_sampled_pairs(model_path: Path, prompts: list, *, path: Path, samples: int, seed: int) -> Path:
+    """Preference pairs from the model's own samples, labelled by the task's verifier: `samples`
+    answers sampled (temperature 1) for each prompt; a prompt with at least one right and one wrong
+    answer among those that ended (EOS) and are not empty gives the pair (first right, first wrong);
+    the others give none. Written to `path` as JSONL preference records (chosen_reward 1,
+    rejected_reward 0); returns `path`. No written answer is used: the online/iterative DPO setting
+    (Xiong et al. 2024, https://arxiv.org/abs/2312.11456; Pang et al. 2024,
+    https://arxiv.org/abs/2404.19733)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stema.config import SamplingConfig
+    from stema.data import encode_prompt
+    from stema.generation import generate, write_jsonl_atomic
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    encoded = [encode_prompt(prompt, tokenizer) for prompt in prompts for _ in range(samples)]
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=seed, batch_size=256)
+    sequences = generate(model, tokenizer, encoded, sampling).sequences  # samples per prompt, in prompt order
+    rows = []
+    for index, prompt in enumerate(prompts):
+        finished = [s.text for s in sequences[index * samples : (index + 1) * samples] if s.finish_reason == "eos" and s.text.strip()]
+        right = [text for text in finished if builtin.reward(prompt, text) == 1.0]
+        wrong = [text for text in finished if builtin.reward(prompt, text) == 0.0]
+        if right and wrong:
+            rows.append({
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": right[0]}],
+                "rejected": [{"role": "assistant", "content": wrong[0]}],
+                "chosen_reward": 1.0,
+                "rejected_reward": 0.0,
+            })
+    return write_jsonl_atomic(path, rows)
+
+
 def stage_base(demo: Demo) -> dict:
     path = save_tiny_model(demo.out / "base", TinyModelSpec(seed=demo.config.seed))
     demo.policy_path = path
@@ -147,7 +202,7 @@ def stage_sft(demo: Demo) -> dict:
 
     config = SFTConfig(
         model=ModelConfig(path=str(demo.policy_path)),
-        data=demo.data_config(),
+        data=demo.data_config(demo.config.num_demonstrations),
         optim=OptimConfig(lr=3e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1),
         trainer=demo.trainer_config("sft", steps=demo.config.sft_steps),
     )
@@ -162,9 +217,10 @@ def stage_sft(demo: Demo) -> dict:
 def stage_rm(demo: Demo) -> dict:
     from stema.trainers import reward
 
+    pairs = demo.sampled_pairs()
     config = RMConfig(
         model=ModelConfig(path=str(demo.policy_path)),
-        data=demo.data_config(),
+        data=DataConfig(train=str(pairs["train"]), eval=str(pairs["eval"]), max_length=64),
         optim=OptimConfig(lr=1e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1),
         trainer=demo.trainer_config("rm", steps=demo.config.rm_steps),
     )
@@ -175,9 +231,10 @@ def stage_rm(demo: Demo) -> dict:
 def stage_dpo(demo: Demo) -> dict:
     from stema.trainers import dpo
 
+    pairs = demo.sampled_pairs()
     config = DPOConfig(
         model=ModelConfig(path=str(demo.policy_path)),
-        data=demo.data_config(),
+        data=DataConfig(train=str(pairs["train"]), eval=str(pairs["eval"]), max_length=64),
         optim=OptimConfig(lr=DPO_LR, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1),
         trainer=demo.trainer_config("dpo", steps=demo.config.dpo_steps),
         # The reference runs once over the pairs instead of at every step (fewer forward passes
