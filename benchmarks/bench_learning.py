@@ -14,7 +14,8 @@ For each seed:
    same number of steps. The prompts each side draws per step follow its own sampler (both shuffle
    the same pool).
 3. DPO: STEMA runs the demo's DPO stage (`stema.demo.stage_dpo`: sigmoid DPO plus the chosen
-   answers' NLL, cosine lr with warm-up, reference log-probs computed once); TRL's `DPOTrainer`
+   answers' NLL, cosine lr with warm-up, reference log-probs computed once) on the SFT model's own
+   sampled pairs (`Demo.sampled_pairs`, made once before either run); TRL's `DPOTrainer`
    gets the same pairs, beta, lr schedule (cosine to 10% after the same warm-up), batch and steps,
    with `loss_type=["sigmoid", "sft"]`. STEMA's NLL term is summed over each chosen answer's tokens
    and averaged over pairs; TRL's "sft" term is the mean over the batch's chosen tokens, so its
@@ -47,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-QUICK = dict(sft_steps=20, ppo_steps=2, dpo_steps=3, num_train=64, num_heldout=16)
+QUICK = dict(sft_steps=20, ppo_steps=2, dpo_steps=3, num_demonstrations=32, num_train=64, num_heldout=16, pair_samples=2)
 
 
 def demo_state(folder: Path, seed: int, quick: bool):
@@ -152,11 +153,12 @@ def trl_grpo(demo, folder: Path) -> tuple[float, Clock]:
 
 def mean_chosen_tokens(demo) -> float:
     """Mean length in tokens of the chosen answers of the demo's training pairs (as STEMA tokenizes them)."""
+    from stema.config import DataConfig
     from stema.data import load_preference_data
     from stema.data.tokenize import IGNORE_INDEX
     from stema.models.loading import load_tokenizer
 
-    pairs, _ = load_preference_data(demo.data_config(), load_tokenizer(demo.sft_path))
+    pairs, _ = load_preference_data(DataConfig(train=str(demo.sampled_pairs()["train"]), max_length=64), load_tokenizer(demo.sft_path))
     return statistics.fmean(sum(label != IGNORE_INDEX for label in pair.chosen_labels) for pair in pairs)
 
 
@@ -166,7 +168,6 @@ def trl_dpo(demo, folder: Path) -> tuple[float, Clock]:
     from trl import DPOConfig, DPOTrainer
 
     from stema import demo as demo_module
-    from stema.data import builtin
 
     cfg = demo.config
     sft_weight = demo_module.DPO_SFT_LOSS_WEIGHT * mean_chosen_tokens(demo)
@@ -176,8 +177,8 @@ def trl_dpo(demo, folder: Path) -> tuple[float, Clock]:
         loss_weights=[1.0, sft_weight], lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=10, precompute_ref_log_probs=True, activation_checkpointing=False,
     )
-    records = [{key: record[key] for key in ("prompt", "chosen", "rejected")}
-               for record in builtin.preference_records(cfg.num_train, cfg.seed)]
+    lines = demo.sampled_pairs()["train"].read_text().splitlines()
+    records = [{key: record[key] for key in ("prompt", "chosen", "rejected")} for record in map(json.loads, lines)]
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(demo.sft_path), args=args, train_dataset=Dataset.from_list(records),
         processing_class=AutoTokenizer.from_pretrained(demo.sft_path),
@@ -186,8 +187,9 @@ def trl_dpo(demo, folder: Path) -> tuple[float, Clock]:
     return scored(demo, trainer, folder / "trl-dpo" / "hf"), clock
 
 
-def compare(seed: int, *, quick: bool) -> dict:
-    """One seed's figures: the SFT model's accuracy, then per algorithm STEMA's and TRL's accuracy and seconds."""
+def compare(seed: int, *, quick: bool, algorithms: tuple[str, ...] = ("grpo", "dpo")) -> dict:
+    """One seed's figures: the SFT model's accuracy, then per algorithm (of `algorithms`) STEMA's
+    and TRL's accuracy and seconds."""
     from datasets import disable_progress_bars
 
     from stema import demo as demo_module
@@ -197,7 +199,11 @@ def compare(seed: int, *, quick: bool) -> dict:
         folder = Path(name)
         demo = demo_state(folder, seed, quick)
         result = {"seed": seed, "sft_accuracy": demo.results["sft"]["accuracy"]}
-        for algorithm, stage, trl_run in (("grpo", demo_module.stage_ppo, trl_grpo), ("dpo", demo_module.stage_dpo, trl_dpo)):
+        if "dpo" in algorithms:
+            demo.sampled_pairs()  # made once, before any clock runs: both DPO runs train on them
+        runs = {"grpo": (demo_module.stage_ppo, trl_grpo), "dpo": (demo_module.stage_dpo, trl_dpo)}
+        for algorithm in algorithms:
+            stage, trl_run = runs[algorithm]
             stema_accuracy, stema = stema_stage(demo, stage)
             trl_accuracy, trl = trl_run(demo, folder)
             result[algorithm] = {"stema_accuracy": stema_accuracy, "trl_accuracy": trl_accuracy,
@@ -212,6 +218,8 @@ def table(results: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result in results:
         for algorithm in ("grpo", "dpo"):
+            if algorithm not in result:
+                continue
             row = result[algorithm]
             lines.append(f"| {result['seed']} | {algorithm} | {result['sft_accuracy']:.1%} | {row['stema_accuracy']:.1%} | "
                          f"{row['trl_accuracy']:.1%} | {row['stema_seconds']:.1f} ({row['stema_cpu_seconds']:.1f}) | "

@@ -168,13 +168,14 @@ def write_sampled_pairs(model_path: Path, prompts: list, *, path: Path, samples:
 
     from stema.config import SamplingConfig
     from stema.data import encode_prompt
-    from stema.generation import generate, write_jsonl_atomic
+    from stema.data.io import write_jsonl_atomic
+    from stema.rollout.factory import generate_once
 
     model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     encoded = [encode_prompt(prompt, tokenizer) for prompt in prompts for _ in range(samples)]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=seed, batch_size=256)
-    sequences = generate(model, tokenizer, encoded, sampling).sequences  # samples per prompt, in prompt order
+    sequences = generate_once(model, tokenizer, encoded, sampling).sequences  # samples per prompt, in prompt order
     rows = []
     for index, prompt in enumerate(prompts):
         finished = [s.text for s in sequences[index * samples : (index + 1) * samples] if s.finish_reason == "eos" and s.text.strip()]
