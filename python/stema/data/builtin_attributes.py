@@ -6,13 +6,14 @@ Attributes (`ATTRIBUTES`, in label order), on HelpSteer's 0..4 scale:
 - `correctness`: 4 when the answer's number is right, 0 when it is a plausible mistake
   (`stema.data.builtin.wrong_answer`); a quarter of the answers are wrong.
 - `verbosity`: the level the answer is written at, each level strictly more words than the one
-  below and none needing more than the answer itself (`answer_text`), for 37+48:
+  below and none needing more than the answer itself (`answer_text`), for 37+48 (asked '73+84';
+  the number is written as the task writes it, least-significant digit first):
 
-      0  85
-      1  It is 85.
-      2  The answer is 85.
-      3  So I think the answer is 85.
-      4  After working it out carefully, I think the answer is 85.
+      0  580
+      1  It is 580.
+      2  The answer is 580.
+      3  So I think the answer is 580.
+      4  After working it out carefully, I think the answer is 580.
 
   The measured verbosity of any text is its word count (`measure_verbosity`), so the Spearman
   correlation between requested and measured verbosity over held-out prompts says how well a
@@ -36,12 +37,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stema.data.builtin import _QUESTION, _sample, _user, answer, wrong_answer
+from stema.data.builtin import _question, _sample, _user, answer, read_number, written, wrong_answer
 
 ATTRIBUTES = ("correctness", "verbosity")
 VERBOSITY_LEVELS = 5
 WRONG_FRACTION = 0.25
-_NUMBER = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"\d+")
 
 
 VERBOSITY_TEMPLATES = ("{}", "It is {}.", "The answer is {}.", "So I think the answer is {}.", "After working it out carefully, I think the answer is {}.")
@@ -51,7 +52,7 @@ def answer_text(value: int, verbosity: int) -> str:
     """`value` as an answer written at `verbosity` (0..4); see the module docstring."""
     if not 0 <= verbosity < VERBOSITY_LEVELS:
         raise ValueError(f"verbosity must be in 0..{VERBOSITY_LEVELS - 1}, got {verbosity}")
-    return VERBOSITY_TEMPLATES[verbosity].format(value)
+    return VERBOSITY_TEMPLATES[verbosity].format(written(value))
 
 
 def measure_verbosity(text: str) -> int:
@@ -60,9 +61,10 @@ def measure_verbosity(text: str) -> int:
 
 
 def final_number(text: str) -> int | None:
-    """The last integer in `text` (the answer at every verbosity level), None when there is none."""
+    """The number the last run of digits in `text` writes, least-significant digit first (the answer
+    at every verbosity level), None when there is none."""
     numbers = _NUMBER.findall(text)
-    return int(numbers[-1]) if numbers else None
+    return read_number(numbers[-1]) if numbers else None
 
 
 def _records(n: int, seed: int, *, heldout: bool, response_field: str, labelled: bool) -> list[dict[str, Any]]:
@@ -96,11 +98,7 @@ def unlabelled_records(n: int, seed: int = 0, *, heldout: bool = False) -> list[
 
 def is_correct(prompt: list[dict[str, str]], completion: str) -> bool:
     """Whether the last number of `completion` answers the question in `prompt` (at any verbosity)."""
-    match = _QUESTION.search(prompt[-1]["content"] if isinstance(prompt, list) else prompt)
-    if match is None:
-        raise ValueError(f"not a built-in task question: {prompt!r}")
-    question = (int(match.group(1)), match.group(2), int(match.group(3)))
-    return final_number(completion) == answer(question)
+    return final_number(completion) == answer(_question(prompt))
 
 
 def write_files(folder: str | Path, *, size: int = 2000, seed: int = 0) -> dict[str, Path]:
