@@ -27,7 +27,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import trl_step_timer
+from common import exact_match_reward, trl_grpo_config, trl_step_timer
 
 BENCHMARK = "grpo"
 GOAL = 2.0
@@ -63,26 +63,16 @@ def trl_steps(model_path: Path, size: dict, output_dir: Path) -> tuple[list[floa
     """(seconds between consecutive step ends, mean completion length per step) of TRL's GRPOTrainer."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from stema.data import builtin
 
     timer = trl_step_timer()
-
-    def exact_match(prompts, completions, **kwargs):
-        return [builtin.reward(prompt, completion[0]["content"]) for prompt, completion in zip(prompts, completions)]
-
-    sequences = size["prompts"] * size["samples"]
-    args = GRPOConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=sequences, num_generations=size["samples"],
-        max_completion_length=size["new_tokens"], temperature=1.0, max_steps=size["steps"], learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, beta=BETA, loss_type="bnpo", num_iterations=1,
-        bf16=False, use_cpu=True, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        dataloader_num_workers=0,
-    )
+    args = trl_grpo_config(output_dir, prompts=size["prompts"], samples=size["samples"], new_tokens=size["new_tokens"],
+                           steps=size["steps"], lr=LR, beta=BETA, seed=0)
     records = builtin.prompt_records(size["prompts"] * size["steps"], 0)
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_path), reward_funcs=exact_match, args=args,
+        model=AutoModelForCausalLM.from_pretrained(model_path), reward_funcs=exact_match_reward, args=args,
         train_dataset=Dataset.from_list(records), processing_class=AutoTokenizer.from_pretrained(model_path),
         callbacks=[timer],
     )

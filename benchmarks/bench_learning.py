@@ -25,8 +25,9 @@ For each seed:
    (`Demo.policy_scores`: greedy exact match on the seed's held-out questions).
 
 Wall time: TRL's `train()` (its reference log-probs and generation included; loading the model
-and saving it are not) and STEMA's stage without its evaluation (set-up, loading, tokenizing,
-training and the Hugging Face export included, so STEMA's figure holds more work), measured one
+and saving it are not) and STEMA's stage without its evaluation (the RL stage runs without its
+periodic held-out evaluation, `Demo.rl_stage_evaluation`; set-up, loading, tokenizing, training,
+the final checkpoint and the Hugging Face export included, so STEMA's figure holds more work), measured one
 after the other in one process, with the process's CPU seconds (all threads) beside them: on a
 shared machine the CPU seconds are the steadier figure (run with OMP_NUM_THREADS=1), and record
 `uptime`.
@@ -47,6 +48,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from common import exact_match_reward, trl_grpo_config
 
 QUICK = dict(sft_steps=20, ppo_steps=2, dpo_steps=3, num_demonstrations=32, num_train=64, num_heldout=16, pair_samples=2)
 
@@ -87,6 +90,7 @@ def stema_stage(demo, stage) -> tuple[float, Clock]:
     """(held-out exact match, clock) of one of the demo's stages run from its SFT model; the clock
     leaves out the stage's own evaluation of the trained model (as TRL's leaves out its scoring)."""
     demo.policy_path = demo.sft_path
+    demo.rl_stage_evaluation = False  # no held-out evaluation inside the RL stage: TRL's train() has none
     clock, evaluate = Clock(), demo.policy_scores
 
     def evaluation(path: Path) -> dict:
@@ -126,24 +130,17 @@ def scored(demo, trainer, folder: Path) -> float:
 def trl_grpo(demo, folder: Path) -> tuple[float, Clock]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from stema import demo as demo_module
     from stema.data import builtin
 
-    def exact_match(prompts, completions, **kwargs):
-        return [builtin.reward(prompt, completion[0]["content"]) for prompt, completion in zip(prompts, completions)]
-
     cfg = demo.config
-    samples, prompts = demo_module.PPO_SAMPLES, demo_module.PPO_PROMPTS
-    args = GRPOConfig(
-        **trl_common(folder / "trl-grpo", seed=cfg.seed, steps=cfg.ppo_steps, lr=demo_module.PPO_LR),
-        per_device_train_batch_size=prompts * samples, num_generations=samples,
-        max_completion_length=demo_module.MAX_NEW_TOKENS, temperature=1.0, lr_scheduler_type="constant", warmup_steps=0,
-        beta=demo_module.PPO_KL_COEF, loss_type="bnpo", num_iterations=1, epsilon=0.2, scale_rewards="group",
-    )
+    args = trl_grpo_config(folder / "trl-grpo", prompts=demo_module.PPO_PROMPTS, samples=demo_module.PPO_SAMPLES,
+                           new_tokens=demo_module.MAX_NEW_TOKENS, steps=cfg.ppo_steps, lr=demo_module.PPO_LR,
+                           beta=demo_module.PPO_KL_COEF, seed=cfg.seed, epsilon=0.2, scale_rewards="group")
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(demo.sft_path), reward_funcs=exact_match, args=args,
+        model=AutoModelForCausalLM.from_pretrained(demo.sft_path), reward_funcs=exact_match_reward, args=args,
         train_dataset=Dataset.from_list(builtin.prompt_records(cfg.num_train, cfg.seed)),
         processing_class=AutoTokenizer.from_pretrained(demo.sft_path),
     )

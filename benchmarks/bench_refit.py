@@ -21,7 +21,6 @@ import argparse
 
 import torch
 
-import stema_kernels
 from stema_kernels import RefitPlan, reference, refit_
 from common import best_seconds, device_label
 

@@ -58,3 +58,27 @@ def trl_step_timer():
             return [later - earlier for earlier, later in zip(self.marks, self.marks[1:])]
 
     return StepTimes()
+
+
+def exact_match_reward(prompts, completions, **kwargs) -> list[float]:
+    """The built-in task's exact-match reward in TRL's reward-function form (conversational
+    completions): what STEMA's `reward.function=builtin` computes."""
+    from stema.data import builtin
+
+    return [builtin.reward(prompt, completion[0]["content"]) for prompt, completion in zip(prompts, completions)]
+
+
+def trl_grpo_config(output_dir, *, prompts: int, samples: int, new_tokens: int, steps: int, lr: float, beta: float, seed: int, **extra):
+    """TRL's `GRPOConfig` in STEMA's GRPO settings on the CPU: `prompts` x `samples` sequences per
+    optimizer step (one step per generation batch), temperature 1, constant lr without warm-up,
+    gradient clipping at 1.0, k3 KL with coefficient `beta` in the loss, token-level loss over the
+    batch (`bnpo`, STEMA's denominator), fp32, no checkpoints or reports; `extra` adds or replaces."""
+    from trl import GRPOConfig
+
+    settings = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=prompts * samples, num_generations=samples,
+        max_completion_length=new_tokens, temperature=1.0, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=1.0, beta=beta, loss_type="bnpo", num_iterations=1, bf16=False, use_cpu=True,
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=seed, dataloader_num_workers=0,
+    )
+    return GRPOConfig(**{**settings, **extra})

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from distributed_launch import STEPS, argv, assert_same_curve, curve, gloo_available, torchrun_cli
+from distributed_launch import argv, assert_same_curve, curve, gloo_available, torchrun_cli
 
 from stema.cli import main
 from stema.data import builtin

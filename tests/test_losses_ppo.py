@@ -7,7 +7,7 @@ import torch
 
 import stema_kernels.reference as kref
 from stema.losses import get_loss
-from stema.losses.advantages import ADVANTAGES, AdvantageInputs, estimate_advantages, needs_critic, whiten
+from stema.losses.advantages import ADVANTAGES, AdvantageInputs, estimate_advantages, informative_rows, needs_critic, whiten
 from stema.losses.ppo import AdaptiveKLController, FixedKLController, kl_controller, ppo_policy_loss, ppo_value_loss
 
 
@@ -146,6 +146,20 @@ def test_rloo_and_grpo_by_hand():
         assert bool((rloo[row][~given.mask[row]] == 0).all()) and bool((grpo[row][~given.mask[row]] == 0).all())
     with pytest.raises(ValueError, match="at least 2 samples"):
         estimate_advantages("grpo", inputs(groups=(0, 1, 1, 2, 2, 2)))
+
+
+def test_informative_rows_are_the_groups_whose_scores_differ():
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5])
+    groups = torch.tensor([4, 4, 7, 7, 1, 1, 9, 9, 9])  # any ids; groups need not be sorted
+    assert informative_rows(scores, groups).tolist() == [2, 3]
+    # Every group uniform: nothing informative; the advantages there are zero too.
+    assert informative_rows(torch.ones(4), torch.tensor([0, 0, 1, 1])).tolist() == []
+    mask = torch.ones(9, 2, dtype=torch.bool)
+    rewards = torch.zeros(9, 2)
+    rewards[:, -1] = scores
+    grpo, _ = estimate_advantages("grpo", AdvantageInputs(token_rewards=rewards, mask=mask, values=None, group_ids=groups))
+    uninformative = [row for row in range(9) if row not in (2, 3)]
+    assert bool((grpo[uninformative] == 0).all()) and bool((grpo[[2, 3]] != 0).all())
 
 
 def test_whiten_normalizes_over_masked_positions_only():

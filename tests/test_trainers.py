@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from stema.cli import main
-from stema.config import RMConfig, SFTConfig, load_config
+from stema.config import SFTConfig, load_config
 from stema.models.families import save_family_model
 from stema.training.logging import read_metrics
 

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from stema.cli import main

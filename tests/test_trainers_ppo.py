@@ -81,6 +81,21 @@ def test_grpo_raises_a_reward_the_tiny_policy_can_learn(tmp_path):
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.2, rewards
 
 
+def test_grpo_skipping_uniform_groups_trains_on_the_groups_with_signal(tmp_path):
+    common = ("trainer.max_steps=4", "optim.lr=3e-3", "optim.schedule=constant", f"reward.function={__name__}:starts_with_digit",
+              "trainer.export_hf=false")
+    skipping = read_metrics(cli("grpo", tmp_path / "skip", *common, "ppo.skip_uniform_groups=true"), "train")
+    every = read_metrics(cli("grpo", tmp_path / "every", *common), "train")
+    assert [r["actor_rows"] for r in every] == [1.0] * 4
+    # Step 1 samples the same responses in both runs (same seed, same weights): the same rewards,
+    # and the skipping run trains on the rows of the groups whose rewards differ, not all of them.
+    assert skipping[0]["reward"] == every[0]["reward"]
+    assert all(0.0 < r["actor_rows"] <= 1.0 for r in skipping) and min(r["actor_rows"] for r in skipping) < 1.0
+    # At step 1 the policy is the reference (no KL gradient) and uniform groups have zero advantage:
+    # the same gradient sum, divided by the kept rows' tokens instead of all tokens, so larger.
+    assert skipping[0]["grad_norm"] > every[0]["grad_norm"] * 1.01
+
+
 @pytest.fixture(scope="module")
 def gpt2_path(tmp_path_factory):
     """A tiny GPT-2 (a family the rollout engine does not serve) with its matrices drawn from

@@ -246,6 +246,10 @@ class PPOAlgorithmConfig:
     ppo_epochs: int = option(1, "Passes over each rollout batch.")
     minibatch_size: int = option(0, "Sequences per optimizer step within a pass (0: the whole rollout batch).")
     critic_warmup_steps: int = option(0, "First steps in which only the critic trains.")
+    skip_uniform_groups: bool = option(
+        False, "Train the actor only on the groups (a prompt's samples) whose scores are not all equal (DAPO's dynamic "
+        "sampling without re-sampling, Yu et al. 2025): a uniform group has zero group advantage. Needs samples_per_prompt >= 2."
+    )
 
 
 @dataclass
@@ -794,6 +798,8 @@ def _validate_trainer_counts(config: TrainerConfig, prefix: str) -> None:
 def _validate_ppo(config: PPOConfig) -> None:
     if config.ppo.advantage in ("rloo", "grpo") and config.rollout.samples_per_prompt < 2:
         raise ConfigError(f"rollout.samples_per_prompt: the {config.ppo.advantage} estimator needs at least 2 (got {config.rollout.samples_per_prompt})")
+    if config.ppo.skip_uniform_groups and config.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"ppo.skip_uniform_groups needs rollout.samples_per_prompt >= 2 (got {config.rollout.samples_per_prompt})")
     if config.roles.reference == "lora" and not config.model.lora.enabled:
         raise ConfigError("roles.reference: 'lora' needs model.lora.enabled (the reference is the actor with adapters disabled)")
     _validate_role_groups(config)

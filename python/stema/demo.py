@@ -109,6 +109,9 @@ class Demo:
         self.policy_path: Path | None = None  # the newest policy (base, then sft, ...)
         self.sft_path: Path | None = None
         self.pairs: dict[str, Path] | None = None
+        # The RL stage's own held-out evaluation (at step 0, every ppo_steps / 5 and at the end:
+        # the accuracy curve); benchmarks/bench_learning.py turns it off to time the training alone.
+        self.rl_stage_evaluation = True
 
     def trainer_config(self, stage: str, *, steps: int) -> TrainerConfig:
         return TrainerConfig(
@@ -121,10 +124,11 @@ class Demo:
             progress_bar=self.config.progress_bar,
         )
 
-    def data_config(self, size: int | None = None) -> DataConfig:
-        """The built-in task with `size` training questions (default `num_train`) and the held-out set."""
+    def data_config(self, size: int | None = None, *, heldout: bool = True) -> DataConfig:
+        """The built-in task with `size` training questions (default `num_train`) and, with
+        `heldout`, the held-out set as its evaluation data."""
         return DataConfig(
-            train="builtin", eval="builtin", builtin_size=self.config.num_train if size is None else size,
+            train="builtin", eval="builtin" if heldout else None, builtin_size=self.config.num_train if size is None else size,
             builtin_eval_size=self.config.num_heldout, max_length=64,
         )
 
@@ -259,7 +263,7 @@ def stage_ppo(demo: Demo) -> dict:
     config = PPOConfig(
         model=ModelConfig(path=str(start)),
         reward=RewardSourceConfig(function=PPO_REWARD, eval_function="builtin"),
-        data=demo.data_config(),
+        data=demo.data_config(heldout=demo.rl_stage_evaluation),
         optim=OptimConfig(lr=PPO_LR, schedule="constant"),
         trainer=TrainerConfig(
             output_dir=str(demo.out / "ppo"), max_steps=demo.config.ppo_steps, global_batch_size=PPO_PROMPTS,

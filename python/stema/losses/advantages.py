@@ -113,6 +113,17 @@ def _group_statistics(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[to
     return count[inverse], total[inverse], squares[inverse]
 
 
+def informative_rows(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Indices (int64, ascending) of the rows whose group's scores are not all equal: the groups
+    with a nonzero group-relative advantage (RLOO, GRPO)."""
+    scores, group_ids = scores.float().cpu(), group_ids.cpu()
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    groups = int(inverse.max()) + 1
+    low = torch.full((groups,), float("inf")).scatter_reduce(0, inverse, scores, reduce="amin")
+    high = torch.full((groups,), float("-inf")).scatter_reduce(0, inverse, scores, reduce="amax")
+    return torch.nonzero(high[inverse] > low[inverse]).flatten()
+
+
 @register_advantage("rloo", needs_critic=False)
 def rloo(inputs: AdvantageInputs) -> tuple[torch.Tensor, None]:
     """REINFORCE leave-one-out (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): with k
