@@ -6,9 +6,12 @@ For each seed:
 1. `stema demo --stages sft` (the demo's own base model, task and SFT stage) gives the SFT model
    both sides start from, and its held-out exact match.
 2. GRPO: STEMA runs the demo's RL stage (`stema.demo.stage_ppo`: GRPO advantages, k3 KL in the
-   loss, the demo's lr, KL coefficient, prompts and samples per prompt, steps and sampling
-   length); TRL's `GRPOTrainer` gets the same model, the demo's training prompts, the same exact
-   match reward, prompts x samples per step, lr (constant), beta, temperature 1, completion length,
+   loss, the demo's lr, KL coefficient, prompts and samples per prompt, steps, temperature and
+   sampling length) twice: as the demo runs it (`grpo`: the actor trains only on the groups whose
+   samples disagree, `ppo.skip_uniform_groups`), and on every group (`grpo_all_groups`: the same
+   algorithm as TRL's). TRL's `GRPOTrainer` (run once, set against both) gets the same model, the
+   demo's training prompts, the same exact match reward, prompts x samples per step, lr (constant),
+   beta, temperature, completion length,
    clipping 0.2, one optimizer step per generation batch (`num_iterations=1`), group-scaled
    rewards, token-level loss over the batch (`loss_type="bnpo"`, STEMA's denominator) and the
    same number of steps. The prompts each side draws per step follow its own sampler (both shuffle
@@ -138,7 +141,8 @@ def trl_grpo(demo, folder: Path) -> tuple[float, Clock]:
     cfg = demo.config
     args = trl_grpo_config(folder / "trl-grpo", prompts=demo_module.PPO_PROMPTS, samples=demo_module.PPO_SAMPLES,
                            new_tokens=demo_module.MAX_NEW_TOKENS, steps=cfg.ppo_steps, lr=demo_module.PPO_LR,
-                           beta=demo_module.PPO_KL_COEF, seed=cfg.seed, epsilon=0.2, scale_rewards="group")
+                           beta=demo_module.PPO_KL_COEF, seed=cfg.seed, temperature=demo_module.PPO_TEMPERATURE, epsilon=0.2,
+                           scale_rewards="group")
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(demo.sft_path), reward_funcs=exact_match_reward, args=args,
         train_dataset=Dataset.from_list(builtin.prompt_records(cfg.num_train, cfg.seed)),
@@ -184,9 +188,11 @@ def trl_dpo(demo, folder: Path) -> tuple[float, Clock]:
     return scored(demo, trainer, folder / "trl-dpo" / "hf"), clock
 
 
-def compare(seed: int, *, quick: bool, algorithms: tuple[str, ...] = ("grpo", "dpo")) -> dict:
+def compare(seed: int, *, quick: bool, algorithms: tuple[str, ...] = ("grpo", "grpo_all_groups", "dpo")) -> dict:
     """One seed's figures: the SFT model's accuracy, then per algorithm (of `algorithms`) STEMA's
-    and TRL's accuracy and seconds."""
+    and TRL's accuracy and seconds. `grpo` is the demo's RL stage as it runs in `stema demo`
+    (training on the groups whose samples disagree); `grpo_all_groups` the same stage training on
+    every group, as TRL's GRPOTrainer does (TRL runs once; both STEMA rows are set against it)."""
     from datasets import disable_progress_bars
 
     from stema import demo as demo_module
@@ -198,11 +204,18 @@ def compare(seed: int, *, quick: bool, algorithms: tuple[str, ...] = ("grpo", "d
         result = {"seed": seed, "sft_accuracy": demo.results["sft"]["accuracy"]}
         if "dpo" in algorithms:
             demo.sampled_pairs()  # made once, before any clock runs: both DPO runs train on them
-        runs = {"grpo": (demo_module.stage_ppo, trl_grpo), "dpo": (demo_module.stage_dpo, trl_dpo)}
+        runs = {"grpo": (demo_module.stage_ppo, "ppo", trl_grpo, True),
+                "grpo_all_groups": (demo_module.stage_ppo, "ppo", trl_grpo, False),
+                "dpo": (demo_module.stage_dpo, "dpo", trl_dpo, True)}
+        trl_done: dict = {}
         for algorithm in algorithms:
-            stage, trl_run = runs[algorithm]
+            stage, stage_folder, trl_run, skip_uniform = runs[algorithm]
+            demo.rl_skip_uniform_groups = skip_uniform
             stema_accuracy, stema = stema_stage(demo, stage)
-            trl_accuracy, trl = trl_run(demo, folder)
+            (demo.out / stage_folder).rename(demo.out / f"{stage_folder}-{algorithm}")  # the next run of the stage starts anew
+            if trl_run not in trl_done:
+                trl_done[trl_run] = trl_run(demo, folder / algorithm)
+            trl_accuracy, trl = trl_done[trl_run]
             result[algorithm] = {"stema_accuracy": stema_accuracy, "trl_accuracy": trl_accuracy,
                                  "stema_seconds": stema.wall, "trl_seconds": trl.wall, "speedup": trl.wall / stema.wall,
                                  "stema_cpu_seconds": stema.cpu, "trl_cpu_seconds": trl.cpu, "cpu_speedup": trl.cpu / stema.cpu}
@@ -214,7 +227,7 @@ def table(results: list[dict]) -> str:
              "| speed-up, wall (CPU) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result in results:
-        for algorithm in ("grpo", "dpo"):
+        for algorithm in ("grpo", "grpo_all_groups", "dpo"):
             if algorithm not in result:
                 continue
             row = result[algorithm]

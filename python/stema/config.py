@@ -531,7 +531,7 @@ class DemoConfig:
     sft_steps: int = option(1000, "SFT optimizer steps.")
     rm_steps: int = option(200, "Reward-model optimizer steps.")
     dpo_steps: int = option(300, "DPO optimizer steps.")
-    ppo_steps: int = option(120, "PPO steps (each: generate, score, update, refit).")
+    ppo_steps: int = option(240, "PPO steps (each: generate, score, update, refit).")
     batch_size: int = option(32, "Global batch size of every stage.")
     progress_bar: bool = option(True, "Show progress bars.")
     steerlm_steps: int = option(500, "SteerLM stage: attribute-conditioned SFT optimizer steps.")

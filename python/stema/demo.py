@@ -17,9 +17,10 @@ A recipe on top of the trainers (it wires them; no library code imports it):
    which is also its reference, on the same sampled pairs: one round of online/iterative DPO.
    Exact-match and preference accuracy again.
 5. `ppo`: GRPO from the SFT model (not the DPO one) on the `num_train` prompts, every role local:
-   the actor generates with the rollout engine refitted in place, rewards come from the task's
-   verifier (see PPO_* below), held-out exact-match accuracy is evaluated greedily along the way;
-   KL to the reference (the SFT model) is reported. Curves: `ppo_reward.png`, `ppo_kl.png`,
+   the actor generates with the rollout engine refitted in place (temperature 1.3), rewards come
+   from the task's verifier, the actor trains on the groups whose samples disagree (see PPO_*
+   below); held-out exact-match accuracy is evaluated greedily along the way; KL to the reference
+   (the SFT model) is reported. Curves: `ppo_reward.png`, `ppo_kl.png`,
    `ppo_accuracy.png`.
 
 Stages outside the default (run by `--stages all` or by name), each from the SFT model:
@@ -73,13 +74,15 @@ DPO_BETA = 1.0
 DPO_LR = 1e-3
 DPO_SFT_LOSS_WEIGHT = 1.0
 # PPO stage (see stage_ppo): GRPO, group-normalized advantages over 8 samples per prompt, rewarded by
-# the task's exact-match verifier. Most groups of the SFT model are all right (zero advantage), so a
-# step takes 64 prompts; at lr 1e-3 the policy drifts away (reward and accuracy fall within 10 steps),
-# lr 1e-4 gains less than 2e-4 in 60 steps.
-# Measurements: docs/demo.md.
+# the task's exact-match verifier. Most groups of the SFT model are all right (zero advantage): the
+# actor trains only on the groups whose samples disagree (ppo.skip_uniform_groups, DAPO's dynamic
+# sampling), so a step costs less and its signal is not diluted; sampling at temperature 1.3 makes
+# more groups disagree. At lr 1e-3 (and 5e-4 with skipping) the policy drifts away (accuracy falls
+# within 24 steps). Measurements: docs/demo.md.
 PPO_LR = 2e-4
 PPO_SAMPLES = 8
 PPO_PROMPTS = 64
+PPO_TEMPERATURE = 1.3
 PPO_KL_COEF = 0.01
 PPO_REWARD = "builtin"
 DEFAULT_STAGES = ("sft", "rm", "dpo", "ppo")
@@ -112,6 +115,9 @@ class Demo:
         # The RL stage's own held-out evaluation (at step 0, every ppo_steps / 5 and at the end:
         # the accuracy curve); benchmarks/bench_learning.py turns it off to time the training alone.
         self.rl_stage_evaluation = True
+        # The RL stage trains on the groups whose samples disagree (ppo.skip_uniform_groups);
+        # benchmarks/bench_learning.py also runs it on every group, as TRL's GRPOTrainer does.
+        self.rl_skip_uniform_groups = True
 
     def trainer_config(self, stage: str, *, steps: int) -> TrainerConfig:
         return TrainerConfig(
@@ -270,8 +276,9 @@ def stage_ppo(demo: Demo) -> dict:
             micro_batch_size=PPO_PROMPTS, eval_every=max(1, demo.config.ppo_steps // 5), seed=demo.config.seed,
             progress_bar=demo.config.progress_bar,
         ),
-        rollout=RolloutConfig(samples_per_prompt=PPO_SAMPLES, max_new_tokens=MAX_NEW_TOKENS),
-        ppo=PPOAlgorithmConfig(advantage="grpo", kl_in="loss", kl_estimator="k3", kl_coef=PPO_KL_COEF, whiten_advantages=False),
+        rollout=RolloutConfig(samples_per_prompt=PPO_SAMPLES, max_new_tokens=MAX_NEW_TOKENS, temperature=PPO_TEMPERATURE),
+        ppo=PPOAlgorithmConfig(advantage="grpo", kl_in="loss", kl_estimator="k3", kl_coef=PPO_KL_COEF, whiten_advantages=False,
+                               skip_uniform_groups=demo.rl_skip_uniform_groups),
     )
     result = ppo.run(config)
     demo.policy_path = Path(config.trainer.output_dir) / "hf"
