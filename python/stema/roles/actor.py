@@ -92,9 +92,10 @@ class ActorWorker:
     def close(self) -> None:
         """Shut down engines that hold resources beyond their tensors (a vLLM engine: one is alive
         per process, so a later run in this process can build its own)."""
+        from stema.rollout.factory import close_generator
+
         for engine in self.engines:
-            if hasattr(engine, "close"):
-                engine.close()
+            close_generator(engine)
 
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id

@@ -158,5 +158,15 @@ def generate_once(model: torch.nn.Module, tokenizer, prompt_token_lists: Sequenc
         model, sampling_cfg, max_batch=min(sampling_cfg.batch_size, len(prompt_token_lists)),
         max_total_len=longest + sampling_cfg.max_new_tokens, say=say, field="sampling.backend",
     )
-    return generator.generate([list(prompt) for prompt in prompt_token_lists], sampling_params(sampling_cfg, greedy=greedy),
-                              tokenizer=tokenizer)
+    try:
+        return generator.generate([list(prompt) for prompt in prompt_token_lists], sampling_params(sampling_cfg, greedy=greedy),
+                                  tokenizer=tokenizer)
+    finally:
+        close_generator(generator)
+
+
+def close_generator(generator) -> None:
+    """Shut down a generator that holds resources beyond its tensors (a vLLM engine: one is alive
+    per process, so the next generator of this process can only be built once it is closed)."""
+    if hasattr(generator, "close"):
+        generator.close()

@@ -46,7 +46,7 @@ from stema.distributed.blocks import spread_blocks
 from stema.models.loading import load_policy
 from stema.rewards import Reward, check_reward_functions
 from stema.rollout import build_generator
-from stema.rollout.factory import sampling_params
+from stema.rollout.factory import close_generator, sampling_params
 from stema.training.setup import fit, place_model, prepare_data, preparing, start_run
 from stema.trainers.sft import SFTAlgorithm
 
@@ -142,47 +142,50 @@ def run(config: RSConfig) -> RSSummary:
     engine = build_generator(model, config.sampling, max_batch=min(config.sampling.batch_size, len(repeated)),
                              max_total_len=longest + config.sampling.max_new_tokens, world=world, say=run_info.say,
                              field="sampling.backend")
-    model = place_model(run_info, config, model)
-    refitter = engine.refitter(model, world=world)
-    reward = Reward.from_config(config.reward, dtype=config.model.dtype, device=run_info.device, cache_dir=run_info.cache_dir)
-    with world.failures_named():
-        before = greedy_reward(engine, tokenizer, eval_prompts, reward, config.sampling, world=world) if eval_prompts else None
-        samples = sample_and_score(engine, tokenizer, reward, repeated, sampling_params(config.sampling), world=world,
-                                   block_size=config.sampling.batch_size)
-    rewards = torch.tensor([sample.reward for sample in samples]).view(len(prompts), n)  # [P, n]
-    finished = torch.tensor([sample.finish_reason != "length" for sample in samples]).view(len(prompts), n)
-    winners = best_of_n(rewards, finished, min_reward=config.rs.min_reward)
-
-    examples = []
-    winner_rewards = []
-    for index, (item, choice) in enumerate(zip(train_prompts, winners)):
-        if choice is None:
-            continue
-        ids, response = item.input_ids, samples[index * n + choice].token_ids
-        examples.append(TokenizedSFT(ids + response, [IGNORE_INDEX] * len(ids) + response, f"prompt {index}, sample {choice}"))
-        winner_rewards.append(float(rewards[index, choice]))
-    run_info.say(
-        f"{len(examples)} of {len(prompts)} prompts have a winner (best of {n}); mean sample reward "
-        f"{float(rewards.mean()):.4f}, mean winner reward {sum(winner_rewards) / max(1, len(winner_rewards)):.4f}"
-    )
-    if len(examples) < config.trainer.global_batch_size:
-        raise ValueError(
-            f"rejection sampling kept {len(examples)} winners, fewer than one global batch ({config.trainer.global_batch_size}): "
-            "sample more prompts or responses (rs.num_samples), or lower rs.min_reward"
-        )
-
-    algorithm = SFTAlgorithm(
-        pad_id=tokenizer.pad_token_id, packing=False, max_length=config.data.max_length,
-        micro_batch_size=config.trainer.micro_batch_size, attn_implementation=config.model.attn_implementation,
-    )
-    result = fit(run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm, train_examples=examples,
-                 eval_examples=None, close=False)
-    after = None
-    if eval_prompts:
+    try:
+        model = place_model(run_info, config, model)
+        refitter = engine.refitter(model, world=world)
+        reward = Reward.from_config(config.reward, dtype=config.model.dtype, device=run_info.device, cache_dir=run_info.cache_dir)
         with world.failures_named():
-            refitter.refit()
-            after = greedy_reward(engine, tokenizer, eval_prompts, reward, config.sampling, world=world)
-    close_world(world)
+            before = greedy_reward(engine, tokenizer, eval_prompts, reward, config.sampling, world=world) if eval_prompts else None
+            samples = sample_and_score(engine, tokenizer, reward, repeated, sampling_params(config.sampling), world=world,
+                                       block_size=config.sampling.batch_size)
+        rewards = torch.tensor([sample.reward for sample in samples]).view(len(prompts), n)  # [P, n]
+        finished = torch.tensor([sample.finish_reason != "length" for sample in samples]).view(len(prompts), n)
+        winners = best_of_n(rewards, finished, min_reward=config.rs.min_reward)
+
+        examples = []
+        winner_rewards = []
+        for index, (item, choice) in enumerate(zip(train_prompts, winners)):
+            if choice is None:
+                continue
+            ids, response = item.input_ids, samples[index * n + choice].token_ids
+            examples.append(TokenizedSFT(ids + response, [IGNORE_INDEX] * len(ids) + response, f"prompt {index}, sample {choice}"))
+            winner_rewards.append(float(rewards[index, choice]))
+        run_info.say(
+            f"{len(examples)} of {len(prompts)} prompts have a winner (best of {n}); mean sample reward "
+            f"{float(rewards.mean()):.4f}, mean winner reward {sum(winner_rewards) / max(1, len(winner_rewards)):.4f}"
+        )
+        if len(examples) < config.trainer.global_batch_size:
+            raise ValueError(
+                f"rejection sampling kept {len(examples)} winners, fewer than one global batch ({config.trainer.global_batch_size}): "
+                "sample more prompts or responses (rs.num_samples), or lower rs.min_reward"
+            )
+
+        algorithm = SFTAlgorithm(
+            pad_id=tokenizer.pad_token_id, packing=False, max_length=config.data.max_length,
+            micro_batch_size=config.trainer.micro_batch_size, attn_implementation=config.model.attn_implementation,
+        )
+        result = fit(run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm, train_examples=examples,
+                     eval_examples=None, close=False)
+        after = None
+        if eval_prompts:
+            with world.failures_named():
+                refitter.refit()
+                after = greedy_reward(engine, tokenizer, eval_prompts, reward, config.sampling, world=world)
+        close_world(world)
+    finally:
+        close_generator(engine)
     summary = RSSummary(
         prompts=len(prompts), samples_per_prompt=n, winners=len(examples), mean_sample_reward=float(rewards.mean()),
         mean_winner_reward=sum(winner_rewards) / max(1, len(winner_rewards)),

@@ -55,7 +55,7 @@ from stema.distributed.blocks import spread_blocks
 from stema.losses import uses_reference
 from stema.models.loading import eval_mode, load_policy
 from stema.rollout import build_generator
-from stema.rollout.factory import sampling_params
+from stema.rollout.factory import close_generator, sampling_params
 from stema.training.logprobs import ReferenceModel, completion_token_logprobs, sequence_logprobs
 from stema.training.logging import read_metrics
 from stema.training.loop import autocast_context, to_device
@@ -140,59 +140,62 @@ def run(config: SPINConfig) -> dict:
     engine = build_generator(model, config.sampling, max_batch=config.sampling.batch_size,
                              max_total_len=longest + config.sampling.max_new_tokens, world=world, say=run_info.say,
                              field="sampling.backend")
-    model = place_model(run_info, config, model)
-    refitter = engine.refitter(model, world=world)
-    greedy = sampling_params(config.sampling, greedy=True)
-    measure = dict(pad_id=tokenizer.pad_token_id, batch_size=config.trainer.micro_batch_size, params=greedy, world=world,
-                   block_size=config.sampling.batch_size)
-    history = []
-    if eval_examples:
-        with world.failures_named():
-            history.append({"iteration": 0, **heldout_metrics(model, engine, eval_examples, **measure)})
-        run_info.say(f"held-out before SPIN: {history[-1]}")
-
-    preference = config.preference
-    steps_done = 0
-    for iteration in range(1, config.spin.iterations + 1):
-        with world.failures_named():
-            refitter.refit()
-            params = dataclasses.replace(sampling_params(config.sampling), seed=config.sampling.seed + iteration)
-            generations = generate_spread(engine, prompts, params, world=world, block_size=config.sampling.batch_size)
-        pairs = spin_pairs(train_examples, generations)
-        run_info.say(f"iteration {iteration}: {len(pairs)} pairs ({len(prompts) - len(pairs)} generations equal the ground truth)")
-        if len(pairs) < config.trainer.global_batch_size:
-            run_info.say(f"iteration {iteration}: fewer pairs than one global batch; SPIN stops here")
-            break
-        examples: list = pairs
-        if uses_reference(preference.loss):
-            model.eval()
-            with world.failures_named():
-                examples = precompute_reference_logprobs(
-                    ReferenceModel(model, adapters_disabled=False), pairs, pad_id=tokenizer.pad_token_id,
-                    batch_size=config.trainer.micro_batch_size, average=preference.average_logprobs,
-                    autocast=lambda: autocast_context(config.trainer, run_info.device),
-                )
-            model.train()
-        algorithm = DPOAlgorithm(pad_id=tokenizer.pad_token_id, preference=preference, reference=None, micro_batch_size=config.trainer.micro_batch_size)
-        trainer = dataclasses.replace(
-            config.trainer, output_dir=str(run_info.output_dir / f"iteration_{iteration}"),
-            export_hf=False, seed=config.trainer.seed + iteration,
-        )
-        result = fit(run_info, dataclasses.replace(config, trainer=trainer), model=model, tokenizer=tokenizer, algorithm=algorithm,
-                     train_examples=examples, eval_examples=None, close=False)
-        if result.resumed_from is not None:
-            run_info.say(f"iteration {iteration}: resumed from its checkpoint at step {result.resumed_from}")
-        if world.is_main:
-            append_iteration_metrics(run_info.output_dir, trainer.output_dir, iteration=iteration, step_offset=steps_done)
-        steps_done += result.step
+    try:
+        model = place_model(run_info, config, model)
+        refitter = engine.refitter(model, world=world)
+        greedy = sampling_params(config.sampling, greedy=True)
+        measure = dict(pad_id=tokenizer.pad_token_id, batch_size=config.trainer.micro_batch_size, params=greedy, world=world,
+                       block_size=config.sampling.batch_size)
+        history = []
         if eval_examples:
             with world.failures_named():
+                history.append({"iteration": 0, **heldout_metrics(model, engine, eval_examples, **measure)})
+            run_info.say(f"held-out before SPIN: {history[-1]}")
+
+        preference = config.preference
+        steps_done = 0
+        for iteration in range(1, config.spin.iterations + 1):
+            with world.failures_named():
                 refitter.refit()
-                history.append({"iteration": iteration, "pairs": len(pairs), **heldout_metrics(model, engine, eval_examples, **measure)})
-            run_info.say(f"held-out after iteration {iteration}: {history[-1]}")
-    with world.failures_named():
-        export_model(run_info, config, model, tokenizer)
-    close_world(world)
+                params = dataclasses.replace(sampling_params(config.sampling), seed=config.sampling.seed + iteration)
+                generations = generate_spread(engine, prompts, params, world=world, block_size=config.sampling.batch_size)
+            pairs = spin_pairs(train_examples, generations)
+            run_info.say(f"iteration {iteration}: {len(pairs)} pairs ({len(prompts) - len(pairs)} generations equal the ground truth)")
+            if len(pairs) < config.trainer.global_batch_size:
+                run_info.say(f"iteration {iteration}: fewer pairs than one global batch; SPIN stops here")
+                break
+            examples: list = pairs
+            if uses_reference(preference.loss):
+                model.eval()
+                with world.failures_named():
+                    examples = precompute_reference_logprobs(
+                        ReferenceModel(model, adapters_disabled=False), pairs, pad_id=tokenizer.pad_token_id,
+                        batch_size=config.trainer.micro_batch_size, average=preference.average_logprobs,
+                        autocast=lambda: autocast_context(config.trainer, run_info.device),
+                    )
+                model.train()
+            algorithm = DPOAlgorithm(pad_id=tokenizer.pad_token_id, preference=preference, reference=None, micro_batch_size=config.trainer.micro_batch_size)
+            trainer = dataclasses.replace(
+                config.trainer, output_dir=str(run_info.output_dir / f"iteration_{iteration}"),
+                export_hf=False, seed=config.trainer.seed + iteration,
+            )
+            result = fit(run_info, dataclasses.replace(config, trainer=trainer), model=model, tokenizer=tokenizer, algorithm=algorithm,
+                         train_examples=examples, eval_examples=None, close=False)
+            if result.resumed_from is not None:
+                run_info.say(f"iteration {iteration}: resumed from its checkpoint at step {result.resumed_from}")
+            if world.is_main:
+                append_iteration_metrics(run_info.output_dir, trainer.output_dir, iteration=iteration, step_offset=steps_done)
+            steps_done += result.step
+            if eval_examples:
+                with world.failures_named():
+                    refitter.refit()
+                    history.append({"iteration": iteration, "pairs": len(pairs), **heldout_metrics(model, engine, eval_examples, **measure)})
+                run_info.say(f"held-out after iteration {iteration}: {history[-1]}")
+        with world.failures_named():
+            export_model(run_info, config, model, tokenizer)
+        close_world(world)
+    finally:
+        close_generator(engine)
     summary = {"iterations": history}
     if world.is_main:
         (run_info.output_dir / "spin_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
