@@ -150,11 +150,15 @@ class PackedLinears:
     which the decoder multiplies with instead of the plain buffers.
 
     Why: at decoding batch sizes torch's CPU linear repacks the weight into the BLAS's blocked layout
-    on every call; packed once, the 55M model's GEMMs run about 1.6x faster at batch 8 (fp32 and
-    bf16) and the lm_head about 2x at batch 64 (benchmarks/RESULTS.md, rollout engine section). The cost: a
+    on every call; packed once, the 55M benchmark model (benchmarks/bench_rollout.py) decodes about
+    1.6x faster at batch 8 in fp32 and bf16, and its lm_head GEMM runs about 1.8x faster at batch
+    64 (measured on an AMD EPYC with AVX-512, one thread). The cost: a
     second copy of the weights in memory, and `refresh()` after every write into the plain
     buffers (every refitter of the engine calls `GenerationEngine.weights_written`), which repacks
-    all of them (allocating new packed tensors: oneDNN has no in-place reorder in torch's API).
+    all of them into newly allocated tensors (torch's API has no in-place reorder). Measured on
+    the 55M model (fp32, one thread): the reorder costs about 3.5x a plain copy of the same bytes,
+    and the lm_head's 65 MB comes as fresh pages from the OS each time, so a refit takes about
+    20 ms to copy and 100 ms to repack.
     Until the first `refresh()` nothing is packed and the decoder uses the plain buffers.
 
     Args:
@@ -168,17 +172,20 @@ class PackedLinears:
         self.by_name: dict[str, list[torch.Tensor]] | None = None
 
     def refresh(self) -> None:
-        """Repack every linear weight from the plain buffers."""
+        """Repack every linear weight from the plain buffers.
+
+        One weight at a time, each old packed copy dropped just before its new one is made, so a
+        refresh needs memory for one more packed weight, not for a second full set."""
         weights = self.weights
-
-        def pack(weight: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
-
-        self.by_name = {
-            name: [pack(layer_weight) for layer_weight in getattr(weights, f"{name}_weight")]
-            for name in ("qkv", "o", "gate_up", "down")
-        }
-        self.by_name["lm_head"] = [pack(weights.lm_head)]
+        plain = {name: list(getattr(weights, f"{name}_weight")) for name in ("qkv", "o", "gate_up", "down")}
+        plain["lm_head"] = [weights.lm_head]
+        if self.by_name is None:
+            self.by_name = {name: [None] * len(tensors) for name, tensors in plain.items()}
+        for name, tensors in plain.items():
+            packed = self.by_name[name]
+            for index, weight in enumerate(tensors):
+                packed[index] = None
+                packed[index] = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
 
     def linear(self, x: torch.Tensor, name: str, index: int, bias: torch.Tensor | None) -> torch.Tensor | None:
         """x @ packed weight `name`[index]^T + bias, or None while nothing is packed."""
