@@ -253,7 +253,7 @@ def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     dtype for the second matmul (in fp32 the same arithmetic as the math path; in bf16 the scores
     are rounded to bf16 once, a relative error of at most 2^-8 before the softmax)."""
     n, heads, _, d = q.shape
-    kv_heads, columns = keys.shape[1], keys.shape[2]
+    kv_heads = keys.shape[1]
     grouped = q.view(n, kv_heads, heads // kv_heads, d)  # [n, KV, H / KV, d]
     scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(scale).add_(bias)  # [n, KV, H / KV, T]
     out = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [n, KV, H / KV, d]
@@ -326,7 +326,8 @@ class Decoder:
         self.cache.key_valid[rows, columns] = True
         # Attention reads every column of the n slots: [n, KV, T, d] is one contiguous block per layer, which
         # the batched matmuls take as it is (a slice up to the furthest column would be copied in bf16);
-        # columns beyond a slot's own get probability exactly 0.
+        # columns beyond a slot's own get probability exactly 0 (their cached values are finite: zeros from
+        # the allocation or keys/values written earlier, so 0 * value adds nothing).
         mask = per_row_attention_mask(self.cache.key_valid[:n], columns)
         _, kv_heads, max_total_len, d = self.cache.tensor.shape[2:]
         heads = torch.arange(kv_heads, device=tokens.device)
