@@ -140,9 +140,12 @@ class RotaryTable:
 
 
 def can_prepack(*, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `PackedLinears` serves an engine on `device` in `dtype`: CPU, fp32 or bf16, and
-    torch built with oneDNN (mkldnn)."""
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    """Whether `PackedLinears` serves an engine on `device` in `dtype`: CPU, torch built with
+    oneDNN (mkldnn), and fp32, or bf16 where oneDNN has bf16 kernels for this CPU (AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT; not on AVX2-only CPUs, nor under ONEDNN_MAX_CPU_ISA=AVX2)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinears:

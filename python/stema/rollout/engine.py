@@ -192,8 +192,8 @@ class GenerationEngine:
         if prepack is None:
             prepack = can_prepack(device=self.device, dtype=dtype)
         elif prepack and not can_prepack(device=self.device, dtype=dtype):
-            raise ValueError(f"GenerationEngine: prepack=True needs a CPU engine in float32 or bfloat16 and torch with "
-                             f"oneDNN; this one is {dtype} on {self.device}")
+            raise ValueError(f"GenerationEngine: prepack=True needs a CPU engine in float32 (or bfloat16 where oneDNN has "
+                             f"bf16 kernels for the CPU) and torch with oneDNN; this one is {dtype} on {self.device}")
         packed = PackedLinears(self.weights, batch_hint=max_batch) if prepack else None
         self.decoder = Decoder(spec, self.weights, self.cache, rotary, packed=packed)
 
