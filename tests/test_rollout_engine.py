@@ -444,3 +444,18 @@ def test_prepack_is_refused_where_it_cannot_run(tokenizer):
     with pytest.raises(ValueError, match="prepack=True needs a CPU engine in float32"):
         GenerationEngine.from_hf(model, max_batch=1, max_total_len=8, dtype=torch.float16, prepack=True)
     assert not GenerationEngine.from_hf(model, max_batch=1, max_total_len=8, dtype=torch.float16).prepacked
+
+
+def test_decode_attention_paths_agree(family_model):
+    """The CPU decode step (`single_query_attention` over every cache column) and the one CUDA
+    keeps (scaled_dot_product_attention over the filled columns), run here on the CPU: the same
+    greedy tokens and log-probs within fp32 summation-order error (1e-5, as against HF)."""
+    _, model = family_model
+    params = SamplingParams(temperature=0, max_new_tokens=MAX_NEW, eos_token_ids=())
+    cpu_path = GenerationEngine.from_hf(model, max_batch=2, max_total_len=32)
+    sdpa_path = GenerationEngine.from_hf(model, max_batch=2, max_total_len=32)
+    sdpa_path.decoder.single_query_matmuls = False
+    expected, actual = sdpa_path.generate(PROMPTS, params), cpu_path.generate(PROMPTS, params)
+    assert actual.token_ids == expected.token_ids
+    for a, b in zip(actual.sequences, expected.sequences):
+        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)

@@ -273,6 +273,9 @@ class Decoder:
         self.cache = cache
         self.rotary = rotary
         self.packed = packed
+        # One query per row through `single_query_attention` over the whole cache block: measured on the CPU
+        # only; on CUDA scaled_dot_product_attention's fused kernels keep serving it, over the filled columns.
+        self.single_query_matmuls = cache.tensor.device.type == "cpu"
 
     def _linear(self, x: torch.Tensor, name: str, index: int, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ weight^T + bias for the linear weight `name` ("qkv", "o", "gate_up", "down": of layer
@@ -327,12 +330,13 @@ class Decoder:
         n = len(tokens)
         rows = torch.arange(n, device=tokens.device)
         self.cache.key_valid[rows, columns] = True
-        # Attention reads every column of the n slots: [n, KV, T, d] is one contiguous block per layer, which
-        # the batched matmuls take as it is (a slice up to the furthest column would be copied in bf16);
-        # columns beyond a slot's own get probability exactly 0 (their cached values are finite: zeros from
-        # the allocation or keys/values written earlier, so 0 * value adds nothing).
-        mask = per_row_attention_mask(self.cache.key_valid[:n], columns)
         _, kv_heads, max_total_len, d = self.cache.tensor.shape[2:]
+        # On the CPU attention reads every column of the n slots: [n, KV, T, d] is one contiguous block per
+        # layer, which the batched matmuls take as it is (a slice up to the furthest column would be copied in
+        # bf16); columns beyond a slot's own get probability exactly 0 (their cached values are finite: zeros
+        # from the allocation or keys/values written earlier, so 0 * value adds nothing).
+        end = max_total_len if self.single_query_matmuls else int(columns.max()) + 1
+        mask = per_row_attention_mask(self.cache.key_valid[:n, :end], columns)
         heads = torch.arange(kv_heads, device=tokens.device)
         # Row of (slot, head, column) in a layer's keys viewed as [B * KV * T, d], for every slot and head: [n * KV].
         flat_rows = ((rows[:, None] * kv_heads + heads) * max_total_len + columns[:, None]).flatten()
@@ -340,7 +344,7 @@ class Decoder:
         def store(layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             layer_cache[0].view(-1, d).index_copy_(0, flat_rows, k.reshape(n * kv_heads, d))  # [n, KV, 1, d]
             layer_cache[1].view(-1, d).index_copy_(0, flat_rows, v.reshape(n * kv_heads, d))
-            return layer_cache[0, :n], layer_cache[1, :n]
+            return layer_cache[0, :n, :, :end], layer_cache[1, :n, :, :end]
 
         hidden = self._layers(tokens[:, None], columns[:, None], mask=mask, store=store)
         return hidden[:, 0]
@@ -349,9 +353,9 @@ class Decoder:
         """Every decoder layer and the final norm over input_ids [n, q] at positions [n, q].
         `store(layer_cache, k, v)` writes a layer's keys and values [n, KV, q, d] into the cache and
         returns the keys and values [n, KV, keys, d] attention reads, under `mask` [n, 1, q, keys]
-        (bool; with one query per row it becomes an fp32 additive bias, `single_query_attention`)."""
+        (bool; with one query per row on the CPU it becomes an fp32 additive bias, `single_query_attention`)."""
         weights, spec = self.weights, self.spec
-        if input_ids.shape[1] == 1:
+        if input_ids.shape[1] == 1 and self.single_query_matmuls:
             mask = additive_bias(mask)  # once per step for `single_query_attention`
         cos = self.rotary.cos[positions][:, None]  # [n, 1, q, d]
         sin = self.rotary.sin[positions][:, None]
@@ -380,7 +384,7 @@ class Decoder:
         k = apply_rotary(k.view(n, query_len, KV, d).transpose(1, 2), cos, sin)  # [n, KV, q, d]
         layer_cache = self.cache.tensor[layer]  # [2, B, KV, T, d]
         keys, values = store(layer_cache, k, v.view(n, query_len, KV, d).transpose(1, 2))
-        if query_len == 1:
+        if query_len == 1 and self.single_query_matmuls:
             out = single_query_attention(q, keys, values, bias=mask, scale=d**-0.5)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5,
