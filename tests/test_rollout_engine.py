@@ -386,3 +386,76 @@ def test_consecutive_training_steps_draw_new_streams(tokenizer):
                                                      eos_token_ids=())).token_ids for step in (1, 2)]
     assert len({tuple(tokens) for tokens in samples[0]}) == len(group)  # a group's samples differ
     assert not set(map(tuple, samples[1])) & set(map(tuple, samples[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_query_attention_equals_attention_in_float64(dtype):
+    """`single_query_attention` (the decode step's attention, grouped-query heads) against
+    softmax(q k^T / sqrt(d) + bias) v in float64, columns masked out by the bias included.
+
+    Tolerance: fp32 sums of at most T + d products of inputs below max|v| (|q|, |k| < 4 here),
+    each rounding by eps: (T + d) * eps * max|v| * 8 (the 8 covers the scores' magnitude in the
+    softmax's exponent). bf16: the scores are rounded to bf16 once (relative 2^-8, so absolute
+    2^-8 * max|score|), which moves each probability by up to that relative amount; probabilities and
+    outputs are rounded to bf16 once more each: max|v| * 2^-8 * (2 * max|score| + 2)."""
+    from stema.rollout.decoder import additive_bias, single_query_attention
+
+    generator = torch.Generator().manual_seed(0)
+    n, heads, kv_heads, columns, d = 3, 4, 2, 10, 16
+    q = torch.randn(n, heads, 1, d, generator=generator)
+    keys = torch.randn(n, kv_heads, columns, d, generator=generator)
+    values = torch.randn(n, kv_heads, columns, d, generator=generator)
+    allowed = torch.rand(n, columns, generator=generator) > 0.3
+    allowed[:, 0] = True
+    bias = additive_bias(allowed[:, None, None])
+    scale = d**-0.5
+    scores = (q.double().view(n, kv_heads, heads // kv_heads, d) @ keys.double().transpose(-1, -2)) * scale
+    expected = (scores + bias.double()).softmax(-1) @ values.double()  # [n, KV, H / KV, d]
+    expected = expected.view(n, heads, 1, d)
+    actual = single_query_attention(q.to(dtype), keys.to(dtype), values.to(dtype), bias=bias, scale=scale)
+    assert actual.dtype == dtype and actual.shape == (n, heads, 1, d)
+    largest_value = values.abs().max().item()
+    if dtype == torch.float32:
+        tolerance = (columns + d) * torch.finfo(torch.float32).eps * largest_value * 8
+    else:
+        tolerance = largest_value * 2**-8 * (2 * scores.abs().max().item() + 2)
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=tolerance)
+
+
+def test_prepacked_and_plain_engines_agree(family_model, tokenizer):
+    """The prepacked linear weights (default on the CPU) give the plain engine's logits (fp32: the
+    two GEMMs differ only in the order of their sums, 1e-5 as against HF) and its greedy tokens."""
+    from stema.rollout.decoder import can_prepack
+
+    _, model = family_model
+    packed = GenerationEngine.from_hf(model, max_batch=4, max_total_len=32)
+    plain = GenerationEngine.from_hf(model, max_batch=4, max_total_len=32, prepack=False)
+    assert packed.prepacked == can_prepack(device=torch.device("cpu"), dtype=torch.float32)
+    assert not plain.prepacked
+    input_ids, mask = left_padded(PROMPTS, tokenizer.pad_token_id)
+    torch.testing.assert_close(packed.forward(input_ids, attention_mask=mask),
+                               plain.forward(input_ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+    params = SamplingParams(temperature=0, max_new_tokens=MAX_NEW, eos_token_ids=())
+    assert packed.generate(PROMPTS, params).token_ids == plain.generate(PROMPTS, params).token_ids
+
+
+def test_prepack_is_refused_where_it_cannot_run(tokenizer):
+    model = build_family_model("llama", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="prepack=True needs a CPU engine in float32"):
+        GenerationEngine.from_hf(model, max_batch=1, max_total_len=8, dtype=torch.float16, prepack=True)
+    assert not GenerationEngine.from_hf(model, max_batch=1, max_total_len=8, dtype=torch.float16).prepacked
+
+
+def test_decode_attention_paths_agree(family_model):
+    """The CPU decode step (`single_query_attention` over every cache column) and the one CUDA
+    keeps (scaled_dot_product_attention over the filled columns), run here on the CPU: the same
+    greedy tokens and log-probs within fp32 summation-order error (1e-5, as against HF)."""
+    _, model = family_model
+    params = SamplingParams(temperature=0, max_new_tokens=MAX_NEW, eos_token_ids=())
+    cpu_path = GenerationEngine.from_hf(model, max_batch=2, max_total_len=32)
+    sdpa_path = GenerationEngine.from_hf(model, max_batch=2, max_total_len=32)
+    sdpa_path.decoder.single_query_matmuls = False
+    expected, actual = sdpa_path.generate(PROMPTS, params), cpu_path.generate(PROMPTS, params)
+    assert actual.token_ids == expected.token_ids
+    for a, b in zip(actual.sequences, expected.sequences):
+        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)

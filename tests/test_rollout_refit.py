@@ -203,3 +203,21 @@ def test_lora_is_refused_where_several_ranks_cannot_carry_the_adapters(tokenizer
     with pytest.raises(ConfigError, match=r"model\.lora: LoRA is not supported with tensor parallel \(distributed\.tp_size 2\)"):
         place_on_world(model, World(role="sft", world_size=2, tp_size=2), distributed_cfg=None)
     assert isinstance(engine.refitter(model, world=World(role="rs")), EngineRefitter)  # one rank: merged refit
+
+
+def test_bucket_receiver_repacks_once_every_weight_arrived(tokenizer):
+    """`EngineSlots` (the engine side of a refit from another process) fills the engine bucket by
+    bucket; a prepacked engine multiplies with the new weights once the last bucket is in, and
+    its plain buffers match the trainer's either way."""
+    model = scramble(build_family_model("llama", tokenizer=tokenizer), seed=1)
+    engine = GenerationEngine.from_hf(model, max_batch=2, max_total_len=16)
+    receiver = engine.bucket_receiver(model)
+    train_one_step(model)
+    weights = dict(model.named_parameters())
+    names = [name for name, _ in receiver.layout]
+    half = len(names) // 2
+    receiver.load({name: weights[name].detach() for name in names[:half]})
+    assert receiver.arrived == set(names[:half])
+    receiver.load({name: weights[name].detach() for name in names[half:]})
+    assert receiver.arrived == set()
+    assert_engine_matches(engine, model)

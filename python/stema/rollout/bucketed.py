@@ -55,6 +55,7 @@ class BucketedRefitter:
         for start, stop, tensors in self.weights.gathered():
             views = self.views[start:stop]
             refit_(views, [tensor.to(view.device) for tensor, view in zip(tensors, views)])
+        self.engine.weights_written()
 
 
 def refit_pairs(engine, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -23,6 +23,12 @@ Both give the same tokens: every prompt samples from a random stream of its own
 (`stema.rollout.sampling`), so neither the batch nor the slot a prompt lands in changes its sample;
 the arithmetic differs only in the order of floating-point sums (padding, batch shapes).
 
+Weights: the engine holds its own copy in a fused layout (`stema.rollout.decoder.DecoderWeights`),
+which refit writes in place. On the CPU (fp32, bf16) the decoder multiplies with oneDNN-prepacked
+copies of the linear weights (`prepack`, default on where `can_prepack`; `PackedLinears`): about
+1.6x faster decoding at small batches, at the cost of a second copy of the weights and a repack
+after every refit (`weights_written`, which every refitter calls; it is part of the refit time).
+
 Log-probs: see `stema.rollout.sampling` (full temperature-scaled policy; truncation not applied).
 """
 
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .architecture import DecoderSpec, check_sequence_length, decoder_spec_from_hf, unwrap_hf_model
-from .decoder import Decoder, DecoderWeights, RotaryTable, StaticKVCache
+from .decoder import Decoder, DecoderWeights, PackedLinears, RotaryTable, StaticKVCache, can_prepack
 from .sampling import (
     SamplingParams,
     StopStringMatcher,
@@ -169,7 +175,8 @@ class GenerationEngine:
     """
 
     def __init__(self, spec: DecoderSpec, *, dtype: torch.dtype, device: torch.device, max_batch: int,
-                 max_total_len: int, eos_token_ids: tuple[int, ...], pad_token_id: int, continuous_batching: bool = True):
+                 max_total_len: int, eos_token_ids: tuple[int, ...], pad_token_id: int, continuous_batching: bool = True,
+                 prepack: bool | None = None):
         if max_batch < 1 or max_total_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_total_len >= 2, got {max_batch} and {max_total_len}")
         self.spec = spec
@@ -182,16 +189,23 @@ class GenerationEngine:
         self.cache = StaticKVCache.allocate(spec, max_batch=max_batch, max_total_len=max_total_len, dtype=dtype,
                                             device=self.device)
         rotary = RotaryTable.build(spec.inv_freq, max_positions=max_total_len, dtype=dtype, device=self.device)
-        self.decoder = Decoder(spec, self.weights, self.cache, rotary)
+        if prepack is None:
+            prepack = can_prepack(device=self.device, dtype=dtype)
+        elif prepack and not can_prepack(device=self.device, dtype=dtype):
+            raise ValueError(f"GenerationEngine: prepack=True needs a CPU engine in float32 (or bfloat16 where oneDNN has "
+                             f"bf16 kernels for the CPU) and torch with oneDNN; this one is {dtype} on {self.device}")
+        packed = PackedLinears(self.weights, batch_hint=max_batch) if prepack else None
+        self.decoder = Decoder(spec, self.weights, self.cache, rotary, packed=packed)
 
     @classmethod
     def from_hf(cls, model: torch.nn.Module, *, dtype: torch.dtype | None = None, max_batch: int,
                 max_total_len: int, device: torch.device | str | None = None,
-                continuous_batching: bool = True) -> GenerationEngine:
+                continuous_batching: bool = True, prepack: bool | None = None) -> GenerationEngine:
         """An engine holding a copy of `model`'s current weights (a peft LoRA model: the merged
         effective weights), in `dtype` (default fp32 on CPU, bf16 on CUDA), on the model's device
         (`device`, when given, must be that device), batching continuously or statically (module
-        docstring). Raises UnsupportedModelError for a model outside the Llama family."""
+        docstring), its linear weights prepacked or not (`prepack`, module docstring; None: where
+        `can_prepack`). Raises UnsupportedModelError for a model outside the Llama family."""
         from .refit import EngineRefitter
 
         spec = decoder_spec_from_hf(model)
@@ -206,7 +220,7 @@ class GenerationEngine:
         eos_token_ids, pad_token_id = special_token_ids(unwrap_hf_model(model))
         engine = cls(spec, dtype=dtype or _default_dtype(device), device=device, max_batch=max_batch,
                      max_total_len=max_total_len, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                     continuous_batching=continuous_batching)
+                     continuous_batching=continuous_batching, prepack=prepack)
         EngineRefitter(engine, model).refit()
         return engine
 
@@ -231,6 +245,17 @@ class GenerationEngine:
         from .remote import EngineSlots
 
         return EngineSlots(self, model)
+
+    @property
+    def prepacked(self) -> bool:
+        """Whether the decoder multiplies with prepacked copies of the linear weights."""
+        return self.decoder.packed is not None
+
+    def weights_written(self) -> None:
+        """Every writer of `weights` calls this after writing (the refitters do): repacks the
+        prepacked copies (a no-op without prepacking)."""
+        if self.decoder.packed is not None:
+            self.decoder.packed.refresh()
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every buffer the engine allocated at construction (weights, KV cache, key mask)."""

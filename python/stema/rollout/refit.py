@@ -167,6 +167,7 @@ class EngineRefitter:
         for merge in self.lora_merges:
             merge.apply()
         self.plan.apply()
+        self.engine.weights_written()
 
 
 def check_same_architecture(engine_spec, trainer_spec) -> None:

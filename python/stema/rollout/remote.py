@@ -55,7 +55,9 @@ class RemoteRefitter:
 class EngineSlots:
     """The receiving side for a `GenerationEngine`: {Hugging Face weight name: the engine buffer
     (or view of a fused buffer) it fills}, built once from the model the engine was built from;
-    `load` copies a bucket in place (cast to the engine's dtype by `refit_`).
+    `load` copies a bucket in place (cast to the engine's dtype by `refit_`), and once every weight
+    has arrived since the last time, tells the engine (`weights_written`: its prepacked copies
+    are repacked once per refit, not per bucket).
 
     Attributes:
         slots: {Hugging Face weight name: engine buffer view}.
@@ -65,7 +67,9 @@ class EngineSlots:
         from .architecture import unwrap_hf_model
         from .refit import weight_pairs
 
+        self.engine = engine
         self.slots = {hf_name: view for hf_name, _, _, _, view in weight_pairs(unwrap_hf_model(model), engine)}
+        self.arrived: set[str] = set()
 
     @property
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -79,6 +83,10 @@ class EngineSlots:
         check_bucket(bucket, self.slots)
         views = [self.slots[name] for name in bucket]
         refit_(views, [tensor.to(view.device) for tensor, view in zip(bucket.values(), views)])
+        self.arrived.update(bucket)
+        if len(self.arrived) == len(self.slots):
+            self.engine.weights_written()
+            self.arrived.clear()
 
 
 def named_shapes(tensors: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
