@@ -26,7 +26,9 @@ with head_dim 32 (hidden 128, 4 layers, 4 heads, intermediate 432, vocabulary 12
   (greedy, 64 new tokens, EOS off). Goal: STEMA >= 0.85x vLLM's tokens/s.
 - refit: STEMA's `EngineRefitter.refit()` against `VLLMRefitter.refit()` (the direct copy into
   vLLM's fused parameters, then the tied lm_head re-pack and prefix-cache reset). Goal: STEMA's
-  refit >= 5x faster. Beside it vLLM's refit against a new `VLLMGenerator` (vLLM imported
+  refit >= 5x faster. The engine's default on the CPU multiplies with oneDNN-prepacked weights
+  (faster decoding; its refit repacks them, as vLLM's does), so a second row times the refit of
+  an engine built with `prepack=False` (a plain copy). Beside it vLLM's refit against a new `VLLMGenerator` (vLLM imported
   already), and the direct copy against vLLM's layerwise `reload_weights` (exact: same greedy
   tokens and bitwise log-probs).
 - GRPO step: median step_s, generation_s and refit_s of `stema grpo` (8 prompts x 4 samples, 16
@@ -231,9 +233,11 @@ def measure_vllm_refit(model, *, label: str, dtype: torch.dtype, repeats: int) -
     max_total_len = PROMPT + NEW_TOKENS
     vocab = model.get_input_embeddings().weight.shape[0]
     tokenizer = tokenizer_for(vocab)
-    stema_refit = best_seconds(EngineRefitter(GenerationEngine.from_hf(model, dtype=dtype, max_batch=8,
-                                                                       max_total_len=max_total_len), model).refit,
-                               device="cpu", repeats=repeats, warmup=1)
+    stema_refit, plain_refit = (
+        best_seconds(EngineRefitter(GenerationEngine.from_hf(model, dtype=dtype, max_batch=8, max_total_len=max_total_len,
+                                                             prepack=prepack), model).refit, device="cpu", repeats=repeats, warmup=1)
+        for prepack in (None, False)
+    )
     prompts = random_prompts(8, vocab, seed=0)
     params = SamplingParams(temperature=0, max_new_tokens=16, eos_token_ids=())
     with VLLMGenerator(model, tokenizer=tokenizer, max_batch=8, max_total_len=max_total_len) as vllm:
@@ -254,6 +258,9 @@ def measure_vllm_refit(model, *, label: str, dtype: torch.dtype, repeats: int) -
     return [
         row(case=f"refit vs vLLM's refit (direct copy), {label}", stema=1e3 * stema_refit, baseline=1e3 * direct_s,
             baseline_name=f"{VLLM_NAME} VLLMRefitter.refit", goal=VLLM_REFIT_GOAL, **common),
+        row(case=f"refit vs vLLM's refit (direct copy), engine without prepacked weights (prepack=False), {label}",
+            stema=1e3 * plain_refit, baseline=1e3 * direct_s, baseline_name=f"{VLLM_NAME} VLLMRefitter.refit", goal=VLLM_REFIT_GOAL,
+            **common),
         row(case=f"vLLM: refit (direct copy) vs a new engine, {label}", stema=1e3 * direct_s, baseline=1e3 * rebuild_s,
             baseline_name="VLLMGenerator(...) built again", **common),
         row(case=f"vLLM: direct copy vs reload_weights (exact: {exact}), {label}", stema=1e3 * direct_s,
