@@ -254,9 +254,10 @@ class PPOController:
         started = time.perf_counter()
         train_actor = step >= ppo.critic_warmup_steps
         kept = self.actor_rows(scores, group_ids)
+        rows = (lambda tensor: tensor) if kept is None else (lambda tensor: tensor[kept])  # no copy when every row trains
         actor_future = roles.actor.submit(
-            ActorWorker.train, {key: value[kept] for key, value in inputs.items()}, advantages=advantages[kept],
-            old_logprobs=old_logprobs[kept], ref_logprobs=ref_logprobs[kept], kl_coef=kl_coef, step=step) if train_actor else None
+            ActorWorker.train, {key: rows(value) for key, value in inputs.items()}, advantages=rows(advantages),
+            old_logprobs=rows(old_logprobs), ref_logprobs=rows(ref_logprobs), kl_coef=kl_coef, step=step) if train_actor else None
         critic_future = roles.critic.submit(CriticWorker.train, inputs, old_values=values, returns=returns, step=step) if roles.critic else None
         metrics: dict[str, float] = {}
         if actor_future:
@@ -279,7 +280,7 @@ class PPOController:
             "advantage_std": float(advantages[mask].std()) if int(mask.sum()) > 1 else 0.0,
             "response_length": float(response_lengths.mean()),
             "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-            "actor_rows": len(kept) / len(rollouts),
+            "actor_rows": 1.0 if kept is None else len(kept) / len(rollouts),
             "engine_logprob_mismatch_max": mismatch["max"],
             "engine_logprob_mismatch_mean": mismatch["mean"],
             "generation_s": generation.seconds,
@@ -296,15 +297,14 @@ class PPOController:
             metrics[f"engine{worker}_prompts"] = prompts_done
         return metrics
 
-    def actor_rows(self, scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-        """Indices of the rows the actor trains on: every row, or with `ppo.skip_uniform_groups` the
-        rows of groups whose scores differ (every row when no group's do: the step then trains on
-        the KL term alone, as without the option)."""
-        every = torch.arange(len(scores))
+    def actor_rows(self, scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the rows the actor trains on, None for every row: with `ppo.skip_uniform_groups`
+        the rows of groups whose scores differ (every row when no group's do: the step then trains
+        on the KL term alone, as without the option)."""
         if not self.config.ppo.skip_uniform_groups:
-            return every
+            return None
         kept = informative_rows(scores, group_ids)
-        return kept if len(kept) else every
+        return kept if len(kept) else None
 
     def sample_seed(self, step: int) -> int:
         return step_seed(self.config.trainer.seed, step)
