@@ -103,10 +103,15 @@ def reinforce(inputs: AdvantageInputs) -> tuple[torch.Tensor, None]:
     return stema_kernels.discounted_returns(inputs.token_rewards, inputs.mask, gamma=inputs.gamma), None
 
 
+def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(each row's group as 0..G-1 `[B]`, the number of groups G)."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, int(inverse.max()) + 1
+
+
 def _group_statistics(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: (count, sum, sum of squares) of the scores of its group, each `[B]`."""
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    groups = int(inverse.max()) + 1
+    inverse, groups = _group_index(group_ids)
     count = torch.zeros(groups).index_add_(0, inverse, torch.ones_like(scores))
     total = torch.zeros(groups).index_add_(0, inverse, scores)
     squares = torch.zeros(groups).index_add_(0, inverse, scores * scores)
@@ -116,9 +121,8 @@ def _group_statistics(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[to
 def informative_rows(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Indices (int64, ascending) of the rows whose group's scores are not all equal: the groups
     with a nonzero group-relative advantage (RLOO, GRPO)."""
-    scores, group_ids = scores.float().cpu(), group_ids.cpu()
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    groups = int(inverse.max()) + 1
+    scores = scores.float().cpu()
+    inverse, groups = _group_index(group_ids.cpu())
     low = torch.full((groups,), float("inf")).scatter_reduce(0, inverse, scores, reduce="amin")
     high = torch.full((groups,), float("-inf")).scatter_reduce(0, inverse, scores, reduce="amax")
     return torch.nonzero(high[inverse] > low[inverse]).flatten()
