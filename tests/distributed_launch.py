@@ -21,7 +21,8 @@ def environment(**extra: str) -> dict[str, str]:
     """This interpreter's environment with the package importable and one thread per process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PYTHON_DIR), env.get("PYTHONPATH", "")]))
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    # PYTHONFAULTHANDLER: a rank that crashes in native code prints every thread's Python stack.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1", **extra)
     return env
 
 

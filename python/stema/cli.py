@@ -8,6 +8,7 @@ or wrongly typed value stops the command before it starts, naming file, line and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -235,5 +236,21 @@ def user_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def entry() -> None:
+    """The `stema` program (and `python -m stema.cli`): `main()`, then exit with its code.
+
+    A process of a torchrun world (WORLD_SIZE > 1) leaves with `os._exit` once the command has
+    returned (its process group destroyed, its files written and closed): torch's gloo backend can
+    still be releasing its last work on a C++ thread while the interpreter finalizes, and a thread
+    that then asks for the GIL is ended mid-destructor, which aborts the process ("terminate called
+    without an active exception") after a run that succeeded. Errors still raise as usual."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
