@@ -39,7 +39,7 @@ TRL's speed.
 
 Not in run_all.py: a full comparison takes minutes per seed.
 
-    python benchmarks/bench_learning.py [--seeds 0 1] [--quick] [--json out.json]
+    python benchmarks/bench_learning.py [--seeds 0 1] [--algorithms grpo grpo_all_groups dpo] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
@@ -188,7 +188,10 @@ def trl_dpo(demo, folder: Path) -> tuple[float, Clock]:
     return scored(demo, trainer, folder / "trl-dpo" / "hf"), clock
 
 
-def compare(seed: int, *, quick: bool, algorithms: tuple[str, ...] = ("grpo", "grpo_all_groups", "dpo")) -> dict:
+ALGORITHMS = ("grpo", "grpo_all_groups", "dpo")
+
+
+def compare(seed: int, *, quick: bool, algorithms: tuple[str, ...] = ALGORITHMS) -> dict:
     """One seed's figures: the SFT model's accuracy, then per algorithm (of `algorithms`) STEMA's
     and TRL's accuracy and seconds. `grpo` is the demo's RL stage as it runs in `stema demo`
     (training on the groups whose samples disagree); `grpo_all_groups` the same stage training on
@@ -227,7 +230,7 @@ def table(results: list[dict]) -> str:
              "| speed-up, wall (CPU) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result in results:
-        for algorithm in ("grpo", "grpo_all_groups", "dpo"):
+        for algorithm in ALGORITHMS:
             if algorithm not in result:
                 continue
             row = result[algorithm]
@@ -242,8 +245,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run; the figures mean nothing)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS),
+                        help="the comparisons to run (default: all)")
     args = parser.parse_args()
-    results = [compare(seed, quick=args.quick) for seed in args.seeds]
+    results = [compare(seed, quick=args.quick, algorithms=tuple(args.algorithms)) for seed in args.seeds]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

@@ -59,7 +59,7 @@ def test_demo_writes_results_table_and_curves(tmp_path, capsys):
         for pair in pairs:  # the verifier's labels: the chosen sample right, the rejected one wrong
             assert builtin.reward(pair["prompt"], pair["chosen"][0]["content"]) == 1.0
             assert builtin.reward(pair["prompt"], pair["rejected"][0]["content"]) == 0.0
-    assert last_mean(tmp_path / "rm", "loss") < 0.67 and last_mean(tmp_path / "rm", "margin") > 0.1
+    assert last_mean(tmp_path / "rm", "accuracy") > 0.75 and last_mean(tmp_path / "rm", "margin") > 1.0
     assert last_mean(tmp_path / "dpo", "rewards/accuracy") > 0.75 and last_mean(tmp_path / "dpo", "rewards/margin") > 1.0
     assert 0.005 < results["ppo"]["kl"] and math.isfinite(results["ppo"]["train_reward"])
     table = capsys.readouterr().out

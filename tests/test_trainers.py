@@ -75,6 +75,50 @@ def test_pairwise_reward_model_trains_and_exports_for_sequence_classification(tm
     assert torch.isfinite(model(**batch).logits).all()
 
 
+def test_log_ratio_reward_model_exports_its_reference_and_scores_as_the_log_ratio(tmp_path):
+    from stema.config import RewardSourceConfig
+    from stema.rewards import Reward
+
+    out = cli("rm", tmp_path / "rm", "trainer.max_steps=8", "optim.lr=2e-3", "data.eval=builtin", "data.builtin_eval_size=16",
+              "reward.readout=log_ratio", "reward.beta=0.5", "reward.nll_weight=1.0")
+    evaluation = read_metrics(out, "eval")[-1]
+    assert 0.0 <= evaluation["accuracy"] <= 1.0 and "margin" in evaluation and "sft_nll" in evaluation
+    assert json.loads((out / "hf" / "stema_reward.json").read_text()) == {"readout": "log_ratio", "beta": 0.5, "reference": "reference"}
+    policy = AutoModelForCausalLM.from_pretrained(out / "hf")
+    reference = AutoModelForCausalLM.from_pretrained(out / "hf" / "reference")
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")
+    prompts = [tokenizer("<s><|user|>73+84<|end|><|assistant|>")["input_ids"], tokenizer("<s><|user|>25+84<|end|><|assistant|>")["input_ids"]]
+    responses = [tokenizer("580<|end|>")["input_ids"], tokenizer("01<|end|>")["input_ids"]]
+
+    def by_hand(model, prompt, response):  # the response tokens' log-probs, summed, from transformers alone
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        return float(logprobs[len(prompt) - 1 :].sum())
+
+    expected = [0.5 * (by_hand(policy, p, r) - by_hand(reference, p, r)) for p, r in zip(prompts, responses)]
+    reward = Reward.from_config(RewardSourceConfig(model=str(out / "hf")), dtype="float32", device=torch.device("cpu"),
+                                cache_dir=tmp_path / "cache")
+    scores = reward.score([None, None], ["", ""], prompts, responses)
+    # fp32 log-softmax sums over <= 6 tokens of a 2-layer model against fp64 by hand: ~1e-6 each.
+    assert scores.tolist() == pytest.approx(expected, abs=1e-4)
+    assert any(abs(value) > 1e-3 for value in expected)  # the trained model moved away from its reference
+    # PPO reads it as its reward model.
+    assert main(["grpo", f"trainer.output_dir={tmp_path / 'grpo'}", "data.train=builtin", "data.builtin_size=16", "data.max_length=32",
+                 "rollout.max_new_tokens=4", "trainer.global_batch_size=2", "trainer.micro_batch_size=4", "trainer.max_steps=1",
+                 "trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.export_hf=false",
+                 f"reward.model={out / 'hf'}"]) == 0
+    assert read_metrics(tmp_path / "grpo", "train")[0]["reward"] != 0.0
+
+
+def test_log_ratio_readout_refuses_the_head_only_settings(tmp_path, capsys):
+    for setting, message in (("reward.margin=true", "reward.margin: reward.readout log_ratio is a pairwise Bradley-Terry"),
+                             ("reward.beta=0", "reward.beta must be > 0"),
+                             ("model.lora.enabled=true", "does not take model.lora.enabled")):
+        assert main(["rm", f"trainer.output_dir={tmp_path}", *SMALL, "reward.readout=log_ratio", setting]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_regression_reward_model_on_attribute_data(tmp_path):
     data = tmp_path / "attributes.jsonl"
     rows = [{"text": "a" * (i % 7 + 1), "label": [float(i % 7), -100.0 if i % 3 else 1.0]} for i in range(16)]

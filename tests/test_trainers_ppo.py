@@ -96,6 +96,25 @@ def test_grpo_skipping_uniform_groups_trains_on_the_groups_with_signal(tmp_path)
     assert skipping[0]["grad_norm"] > every[0]["grad_norm"] * 1.01
 
 
+def test_grpo_takes_the_old_logprobs_from_the_update_when_asked(tmp_path):
+    common = ("trainer.max_steps=3", "optim.lr=3e-3", "optim.schedule=constant", f"reward.function={__name__}:first_character_below_m",
+              "trainer.export_hf=false")
+    recomputed = read_metrics(cli("grpo", tmp_path / "recompute", *common), "train")
+    reused = read_metrics(cli("grpo", tmp_path / "reuse", *common, "ppo.recompute_old_logprobs=false"), "train")
+    # Step 1 samples the same responses from the same weights. The recomputed old log-probs equal the
+    # update's own to the forward's rounding (ratio 1 within ~1e-6 in fp32), so the loss and its
+    # gradient agree far inside 1e-4; the clipped fraction is 0 in both.
+    assert reused[0]["reward"] == recomputed[0]["reward"]
+    for key in ("pg_loss", "grad_norm", "loss"):
+        assert reused[0][key] == pytest.approx(recomputed[0][key], rel=1e-4, abs=1e-6), key
+    assert reused[0]["clipfrac"] == 0.0 and reused[0]["approx_kl"] == 0.0
+    # The KL metric uses the engine's sampling log-probs: at step 1 the policy is the reference.
+    assert abs(reused[0]["kl"]) < 1e-3
+    # The engine is refitted after every update: its log-probs match the update's forward.
+    assert all(r["engine_logprob_mismatch_mean"] < 1e-4 for r in reused)
+    assert "engine_logprob_mismatch_max" not in reused[-1] and "engine_logprob_mismatch_max" in recomputed[-1]
+
+
 @pytest.fixture(scope="module")
 def gpt2_path(tmp_path_factory):
     """A tiny GPT-2 (a family the rollout engine does not serve) with its matrices drawn from
@@ -172,6 +191,8 @@ def test_bad_ppo_configs_stop_before_anything_runs(tmp_path, capsys):
     assert "rollout.samples_per_prompt: the grpo estimator needs at least 2" in capsys.readouterr().err
     assert main(["ppo", f"trainer.output_dir={tmp_path}", *SMALL, "roles.reference=lora"]) == 2
     assert "needs model.lora.enabled" in capsys.readouterr().err
+    assert main(["grpo", f"trainer.output_dir={tmp_path}", *SMALL, "ppo.recompute_old_logprobs=false", "ppo.ppo_epochs=2"]) == 2
+    assert "ppo.recompute_old_logprobs: false needs ppo.ppo_epochs 1" in capsys.readouterr().err
 
 
 def test_ppo_killed_after_a_checkpoint_resumes_onto_the_same_curve(tmp_path):

@@ -159,6 +159,16 @@ class RewardConfig:
     loss: Literal["bradley_terry", "regression"] = option("bradley_terry", "Pairwise preference loss or multi-attribute MSE.")
     margin: bool = option(False, "Bradley-Terry: subtract the pair's `margin` field from the reward difference.")
     center_rewards_coefficient: float = option(0.0, "Penalty on (r_chosen + r_rejected)^2 that keeps rewards centred.")
+    readout: Literal["head", "log_ratio"] = option(
+        "head", "head: a linear head on the last token's hidden state (a sequence classifier). log_ratio: the implicit "
+        "reward beta * (log pi(y|x) - log pi_ref(y|x)) of a causal LM trained from model.path, which stays as the "
+        "reference pi_ref (Rafailov et al. 2023); Bradley-Terry only; exported with the reference beside it."
+    )
+    beta: float = option(1.0, "readout log_ratio: the reward's scale beta.")
+    nll_weight: float = option(
+        0.0, "readout log_ratio: weight of the chosen responses' negative log-likelihood added to the loss, a regularizer "
+        "that keeps the model a language model (Yang et al. 2024, generalizable reward models)."
+    )
 
 
 @dataclass
@@ -246,6 +256,12 @@ class PPOAlgorithmConfig:
     ppo_epochs: int = option(1, "Passes over each rollout batch.")
     minibatch_size: int = option(0, "Sequences per optimizer step within a pass (0: the whole rollout batch).")
     critic_warmup_steps: int = option(0, "First steps in which only the critic trains.")
+    recompute_old_logprobs: bool = option(
+        True, "Score the rollout under the policy in a forward of its own before the update. false: with ppo_epochs 1 and "
+        "one minibatch the update's forward is that policy, so its detached log-probs are the old ones (TRL's "
+        "num_iterations=1): one actor forward less per step. Needs kl_in loss; the kl metric then uses the engine's "
+        "sampling log-probs and only engine_logprob_mismatch_mean (over the trained tokens) is logged."
+    )
     skip_uniform_groups: bool = option(
         False, "Train the actor only on the groups (a prompt's samples) whose scores are not all equal (DAPO's dynamic "
         "sampling without re-sampling, Yu et al. 2025): a uniform group has zero group advantage. Needs samples_per_prompt >= 2."
@@ -529,7 +545,7 @@ class DemoConfig:
     num_heldout: int = option(1000, "Held-out questions for exact-match accuracy and pairwise accuracy.")
     pair_samples: int = option(8, "Answers the SFT model samples per prompt to make the reward model's and DPO's preference pairs.")
     sft_steps: int = option(1000, "SFT optimizer steps.")
-    rm_steps: int = option(200, "Reward-model optimizer steps.")
+    rm_steps: int = option(400, "Reward-model optimizer steps.")
     dpo_steps: int = option(300, "DPO optimizer steps.")
     ppo_steps: int = option(240, "PPO steps (each: generate, score, update, refit).")
     batch_size: int = option(32, "Global batch size of every stage.")
@@ -746,6 +762,11 @@ def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -
             raise ConfigError(f"{prefix}label_smoothing applies to loss 'dpo' only (loss is {config.loss!r})")
         if config.precompute_ref_logprobs and config.loss == "simpo":
             raise ConfigError(f"{prefix}precompute_ref_logprobs: loss 'simpo' uses no reference model")
+    if isinstance(config, RewardConfig) and config.readout == "log_ratio":
+        _validate_log_ratio_readout(config, prefix)
+    if isinstance(config, RMConfig) and config.reward.readout == "log_ratio" and config.model.lora.enabled:
+        raise ConfigError("reward.readout: log_ratio trains the whole causal LM against its starting weights; it does not take "
+                          "model.lora.enabled")
     if isinstance(config, RewardSourceConfig):
         if bool(config.function) == bool(config.model):
             raise ConfigError(f"{prefix.rstrip('.') or 'reward'}: set exactly one of {prefix}function and {prefix}model")
@@ -771,6 +792,16 @@ def validate(config: Any, prefix: str = "", *, batch_of_prompts: bool = False) -
         _check_registered(item, value, f"{prefix}{item.name}")
         if dataclasses.is_dataclass(value):
             validate(value, f"{prefix}{item.name}.", batch_of_prompts=isinstance(config, PPOConfig))
+
+
+def _validate_log_ratio_readout(config: RewardConfig, prefix: str) -> None:
+    if config.beta <= 0 or config.nll_weight < 0:
+        raise ConfigError(f"{prefix}beta must be > 0 and {prefix}nll_weight >= 0 (got {config.beta}, {config.nll_weight})")
+    for name, value, allowed in (("loss", config.loss, "bradley_terry"), ("num_attributes", config.num_attributes, 1),
+                                 ("margin", config.margin, False), ("center_rewards_coefficient", config.center_rewards_coefficient, 0.0)):
+        if value != allowed:
+            raise ConfigError(f"{prefix}{name}: {prefix}readout log_ratio is a pairwise Bradley-Terry reward; it needs "
+                              f"{prefix}{name} {allowed} (got {value})")
 
 
 def _validate_optim(config: OptimConfig, prefix: str) -> None:
@@ -819,6 +850,12 @@ def _validate_ppo(config: PPOConfig) -> None:
         )
     if config.ppo.clip_ratio <= 0 or config.rollout.temperature <= 0:
         raise ConfigError("ppo.clip_ratio and rollout.temperature must be > 0")
+    if not config.ppo.recompute_old_logprobs and (config.ppo.ppo_epochs != 1 or minibatch != sequences or config.ppo.kl_in != "loss"):
+        raise ConfigError(
+            "ppo.recompute_old_logprobs: false needs ppo.ppo_epochs 1, one minibatch (ppo.minibatch_size 0) and ppo.kl_in loss "
+            f"(got {config.ppo.ppo_epochs}, {config.ppo.minibatch_size}, {config.ppo.kl_in}): a later minibatch or epoch, or the "
+            "reward's KL, needs the log-probs of the policy before the update"
+        )
 
 
 def _validate_vllm_rollout(config: PPOConfig) -> None:

@@ -13,7 +13,9 @@ stops the run with one line naming the function, the prompt and the value (`Rewa
 
 A reward model scores the token sequence prompt + response (with its EOS) through the one reward
 readout `stema.models.value_head.reward_scores` (its last attended token), as `stema rm` trained it
-on prompt + completion; it must share the policy's tokenizer.
+on prompt + completion; it must share the policy's tokenizer. A log-ratio reward model (`stema rm
+reward.readout=log_ratio`: a folder with `stema_reward.json`) scores beta * (log pi(response |
+prompt) - log pi_ref(response | prompt)) from its causal LM and the reference beside it.
 """
 
 from __future__ import annotations
@@ -176,6 +178,53 @@ class RewardModelScorer:
         return score_sequences(self.model, sequences, pad_id=self.pad_id, batch_size=self.micro_batch_size)[:, 0]
 
 
+LOG_RATIO_FILE = "stema_reward.json"  # in a log-ratio reward model's folder: {"readout", "beta", "reference"}
+
+
+class LogRatioScorer:
+    """Scores prompt + response token sequences by the log-ratio readout beta * sum over the
+    response tokens of (log pi - log pi_ref), `micro_batch_size` sequences per forward pass of each
+    model (no_grad, eval mode)."""
+
+    def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module, *, beta: float, micro_batch_size: int = 32):
+        self.policy, self.reference, self.beta = policy, reference, beta
+        self.micro_batch_size = micro_batch_size
+        self.pad_id = policy.config.pad_token_id if policy.config.pad_token_id is not None else 0
+
+    @classmethod
+    def load(cls, folder: Path, *, dtype: str, device: torch.device, cache_dir: str | Path, micro_batch_size: int,
+             field: str) -> LogRatioScorer:
+        import json
+
+        from stema.models.loading import load_policy
+
+        settings = json.loads((folder / LOG_RATIO_FILE).read_text())
+        if settings.get("readout") != "log_ratio" or not isinstance(settings.get("beta"), (int, float)):
+            raise ConfigError(f"{field}: {folder / LOG_RATIO_FILE} must name readout 'log_ratio' and a number beta; it holds {settings}")
+        models = []
+        for path in (folder, folder / settings.get("reference", "reference")):
+            model, _ = load_policy(ModelConfig(path=str(path), dtype=dtype), cache_dir=cache_dir)
+            models.append(model.to(device).eval().requires_grad_(False))
+        return cls(*models, beta=float(settings["beta"]), micro_batch_size=micro_batch_size)
+
+    def score(self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """`[B]` fp32 CPU rewards of the responses to the prompts."""
+        from stema.data.collate import collate_sft
+        from stema.data.tokenize import IGNORE_INDEX, TokenizedSFT
+        from stema.training.logprobs import completion_token_logprobs, sequence_logprobs
+
+        examples = [TokenizedSFT(list(prompt) + list(response), [IGNORE_INDEX] * len(prompt) + list(response), f"row {row}")
+                    for row, (prompt, response) in enumerate(zip(prompt_token_ids, response_token_ids))]
+        device = next(self.policy.parameters()).device
+        scores = []
+        with torch.no_grad(), eval_mode(self.policy), eval_mode(self.reference):
+            for start in range(0, len(examples), self.micro_batch_size):
+                batch = {key: value.to(device) for key, value in collate_sft(examples[start : start + self.micro_batch_size], self.pad_id).items()}
+                policy, reference = (sequence_logprobs(*completion_token_logprobs(model, batch)) for model in (self.policy, self.reference))
+                scores.append((self.beta * (policy - reference)).float().cpu())
+        return torch.cat(scores)
+
+
 def check_reward_functions(reward: RewardSourceConfig, *, prefix: str = "reward.") -> None:
     """Import every reward function `reward` names, so that a bad `module:function` (or one that
     cannot take (prompt, completion)) is a ConfigError at start-up, before any model loads."""
@@ -189,7 +238,7 @@ class Reward:
     """Sequence rewards from a reward function or a trained reward model (exactly one), and an
     optional separate function for held-out evaluation."""
 
-    def __init__(self, *, function: RewardFunction | None = None, function_name: str = "", scorer: RewardModelScorer | None = None,
+    def __init__(self, *, function: RewardFunction | None = None, function_name: str = "", scorer: RewardModelScorer | LogRatioScorer | None = None,
                  eval_function: RewardFunction | None = None, eval_function_name: str = ""):
         if (function is None) == (scorer is None):
             raise ValueError("Reward: give exactly one of a reward function and a reward-model scorer")
@@ -208,6 +257,10 @@ class Reward:
             function = load_reward_function(reward.function, field=f"{prefix}function", folder=folder)
             return cls(function=function, function_name=reward.function, eval_function=eval_function,
                        eval_function_name=reward.eval_function)
+        if (Path(reward.model) / LOG_RATIO_FILE).is_file():
+            scorer = LogRatioScorer.load(Path(reward.model), dtype=dtype, device=device, cache_dir=cache_dir,
+                                         micro_batch_size=reward.micro_batch_size, field=f"{prefix}model")
+            return cls(scorer=scorer, eval_function=eval_function, eval_function_name=reward.eval_function)
         from stema.models.loading import load_reward_model
 
         model, _ = load_reward_model(ModelConfig(path=reward.model, dtype=dtype), num_labels=1, cache_dir=cache_dir)

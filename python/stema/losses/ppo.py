@@ -20,7 +20,7 @@ from . import register_loss
 @register_loss("ppo_policy")
 def ppo_policy_loss(
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -42,10 +42,12 @@ def ppo_policy_loss(
     log_ratio = logprobs - ref_logprobs (GRPO's choice is k3); H_t the policy's entropy at t.
     Metrics (each summed over tokens / num_tokens, so micro-batches add up): pg_loss, clipfrac
     (fraction of tokens whose ratio was clipped), approx_kl (k3 of the new vs old policy), and
-    kl_loss / entropy when used.
+    kl_loss / entropy when used. `old_logprobs` None: this forward is the policy the rollout was
+    scored under (one epoch, one minibatch), so old = logprobs.detach() and the ratio is 1 with
+    the gradient of logprobs.
     """
     mask = mask.float()
-    log_ratio = logprobs - old_logprobs
+    log_ratio = logprobs - (logprobs.detach() if old_logprobs is None else old_logprobs)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio) * advantages

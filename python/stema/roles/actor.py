@@ -131,15 +131,19 @@ class ActorWorker:
                                    device=self.device)
 
     @split_rows(merge=rank_zero, pass_block=True)
-    def train(self, batch: dict[str, torch.Tensor], *, advantages: torch.Tensor, old_logprobs: torch.Tensor,
+    def train(self, batch: dict[str, torch.Tensor], *, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
               ref_logprobs: torch.Tensor | None, kl_coef: float, step: int, row_block: RowBlock | None = None) -> dict[str, float]:
         """One PPO step of the policy on the rollout batch (a rank of a group: its `row_block` of
         it), then the engines refitted in place. Metrics (of the whole batch): the loss terms of
-        `ppo_policy_loss`, grad_norm, lr, refit_s."""
+        `ppo_policy_loss`, grad_norm, lr, refit_s. `old_logprobs` None (`ppo.recompute_old_logprobs`
+        false): the update's own forward gives them, and `batch["engine_logprobs"]` the metric
+        engine_logprob_mismatch_mean (mean |engine - policy| over the trained tokens)."""
         ppo, trainer = self.ppo_cfg, self.trainer_cfg
         device = self.device
         inputs = on_device(device, model_inputs(batch))
-        advantages, old_logprobs = advantages.to(device), old_logprobs.to(device)
+        advantages = advantages.to(device)
+        old_logprobs = old_logprobs.to(device) if old_logprobs is not None else None
+        engine_logprobs = batch["engine_logprobs"].to(device) if old_logprobs is None else None
         in_loss = ppo.kl_in == "loss" and ref_logprobs is not None
         ref_logprobs = ref_logprobs.to(device) if in_loss else None
 
@@ -151,16 +155,22 @@ class ActorWorker:
                 logprobs, mask, entropy = completion_token_logprobs(
                     self.model, micro, temperature=self.rollout_cfg.temperature, return_entropy=True)
             index = rows.to(device)
-            return ppo_policy_loss(
-                logprobs, old_logprobs[index], advantages[index], mask, clip_ratio=ppo.clip_ratio, num_tokens=num_tokens,
+            loss, metrics = ppo_policy_loss(
+                logprobs, old_logprobs[index] if old_logprobs is not None else None, advantages[index], mask,
+                clip_ratio=ppo.clip_ratio, num_tokens=num_tokens,
                 ref_logprobs=ref_logprobs[index] if in_loss else None, kl_coef=kl_coef if in_loss else 0.0,
                 kl_estimator=ppo.kl_estimator, entropy=entropy, entropy_coef=ppo.entropy_coef,
             )
+            if engine_logprobs is not None:
+                gap = (logprobs.detach().float() - engine_logprobs[index]).abs() * mask
+                metrics["engine_logprob_mismatch_mean"] = gap.sum() / num_tokens
+            return loss, metrics
 
         stage_loss = None
         if is_pipelined(self.model):
-            tensors = {**model_inputs(batch), "action_mask": batch["action_mask"], "old_logprobs": old_logprobs,
-                       "advantages": advantages, **({"ref_logprobs": ref_logprobs} if in_loss else {})}
+            tensors = {**model_inputs(batch), "action_mask": batch["action_mask"], "advantages": advantages,
+                       **({"old_logprobs": old_logprobs} if old_logprobs is not None else {}),
+                       **({"ref_logprobs": ref_logprobs} if in_loss else {})}
             stage_loss = StageLoss(tensors, self._stage_policy_loss(in_loss=in_loss, kl_coef=kl_coef),
                                    autocast_context(trainer, device))
         metrics = self.updater.update(
@@ -182,7 +192,7 @@ class ActorWorker:
             logprobs, _, entropy = logits_token_logprobs(logits, micro, temperature=self.rollout_cfg.temperature,
                                                          return_entropy=True)
             return ppo_policy_loss(
-                logprobs, micro["old_logprobs"], micro["advantages"], micro["loss_mask"], clip_ratio=ppo.clip_ratio,
+                logprobs, micro.get("old_logprobs"), micro["advantages"], micro["loss_mask"], clip_ratio=ppo.clip_ratio,
                 num_tokens=num_tokens, ref_logprobs=micro["ref_logprobs"] if in_loss else None,
                 kl_coef=kl_coef if in_loss else 0.0, kl_estimator=ppo.kl_estimator, entropy=entropy, entropy_coef=ppo.entropy_coef,
             )

@@ -153,8 +153,17 @@ class DPOAlgorithm:
 
 
 def run(config: DPOConfig) -> TrainResult:
-    run_info = start_run(config, command="dpo", data_kind="preference")
-    preference = config.preference
+    return train_on_pairs(config, preference=config.preference)
+
+
+def train_on_pairs(config, *, preference: PreferenceConfig, command: str = "dpo", algorithm_class: type = DPOAlgorithm,
+                   finish: Callable | None = None) -> TrainResult:
+    """Steps 1-5 on `config`'s model, data, optim, trainer and distributed sections with the loss
+    `preference`, as `command`; `finish(run_info)` (when given) runs after the export, before the
+    process group is left (the reward model of `stema rm reward.readout=log_ratio` adds its reference)."""
+    from stema.distributed import close_world
+
+    run_info = start_run(config, command=command, data_kind="preference")
     with preparing(run_info):
         _, train_examples, eval_examples = prepare_data(run_info, config, load_preference_data)
         model, tokenizer = load_policy(config.model, cache_dir=run_info.cache_dir)
@@ -177,13 +186,18 @@ def run(config: DPOConfig) -> TrainResult:
         reference = None
         run_info.say("reference log-probs precomputed for every pair; the reference model is freed")
 
-    algorithm = DPOAlgorithm(
+    algorithm = algorithm_class(
         pad_id=tokenizer.pad_token_id,
         preference=preference,
         reference=reference,
         micro_batch_size=config.trainer.micro_batch_size,
     )
-    return fit(
+    result = fit(
         run_info, config, model=model, tokenizer=tokenizer, algorithm=algorithm,
-        train_examples=train_examples, eval_examples=eval_examples,
+        train_examples=train_examples, eval_examples=eval_examples, close=finish is None,
     )
+    if finish is not None:
+        with run_info.world.failures_named():
+            finish(run_info)
+        close_world(run_info.world)
+    return result

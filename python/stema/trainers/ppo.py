@@ -229,11 +229,14 @@ class PPOController:
         batch = experience_tensors(rollouts, self.pad_id)
         inputs = {**model_inputs(batch), "action_mask": batch["action_mask"]}
         started = time.perf_counter()
-        old_future = roles.actor.submit(ActorWorker.logprobs, inputs)
+        recompute = ppo.recompute_old_logprobs
+        old_future = roles.actor.submit(ActorWorker.logprobs, inputs) if recompute else None
         ref_future = roles.reference_logprobs(inputs)
         value_future = roles.critic.submit(CriticWorker.values, inputs) if roles.critic else None
         score_future = roles.score(prompts, generation)
-        old_logprobs, ref_logprobs = old_future.result(), ref_future.result()
+        # Without the forward of its own, the sampling log-probs stand in for the policy's in the KL metric.
+        old_logprobs = old_future.result() if recompute else None
+        ref_logprobs = ref_future.result()
         values = value_future.result() if value_future else None
         raw_scores = score_future.result()
         inference_s = time.perf_counter() - started
@@ -241,7 +244,7 @@ class PPOController:
         mask = batch["action_mask"]
         scores = shaped_scores(raw_scores, [r.finish_reason for r in rollouts], config, self.moments)
         token_rewards = place_scores(scores, batch["last_action"], mask.shape)
-        log_ratio = (old_logprobs - ref_logprobs) * mask
+        log_ratio = ((old_logprobs if recompute else batch["engine_logprobs"]) - ref_logprobs) * mask
         kl_coef = self.kl.value
         if ppo.kl_in == "reward":
             token_rewards = token_rewards - kl_coef * kl_from_log_ratio(log_ratio, ppo.kl_estimator) * mask
@@ -255,9 +258,11 @@ class PPOController:
         train_actor = step >= ppo.critic_warmup_steps
         kept = self.actor_rows(scores, group_ids)
         rows = (lambda tensor: tensor) if kept is None else (lambda tensor: tensor[kept])  # no copy when every row trains
+        train_inputs = inputs if recompute else {**inputs, "engine_logprobs": batch["engine_logprobs"]}
         actor_future = roles.actor.submit(
-            ActorWorker.train, {key: rows(value) for key, value in inputs.items()}, advantages=rows(advantages),
-            old_logprobs=rows(old_logprobs), ref_logprobs=rows(ref_logprobs), kl_coef=kl_coef, step=step) if train_actor else None
+            ActorWorker.train, {key: rows(value) for key, value in train_inputs.items()}, advantages=rows(advantages),
+            old_logprobs=rows(old_logprobs) if recompute else None, ref_logprobs=rows(ref_logprobs), kl_coef=kl_coef,
+            step=step) if train_actor else None
         critic_future = roles.critic.submit(CriticWorker.train, inputs, old_values=values, returns=returns, step=step) if roles.critic else None
         metrics: dict[str, float] = {}
         if actor_future:
@@ -268,7 +273,6 @@ class PPOController:
 
         sequence_kl = log_ratio.sum(-1)  # [B] k1 per sequence
         self.kl.update(float(sequence_kl.mean()), len(rollouts))
-        mismatch = logprob_mismatch(batch["engine_logprobs"], old_logprobs, mask)
         response_lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)
         generated = int(response_lengths.sum())
         step_s = time.perf_counter() - step_started
@@ -281,8 +285,6 @@ class PPOController:
             "response_length": float(response_lengths.mean()),
             "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
             "actor_rows": 1.0 if kept is None else len(kept) / len(rollouts),
-            "engine_logprob_mismatch_max": mismatch["max"],
-            "engine_logprob_mismatch_mean": mismatch["mean"],
             "generation_s": generation.seconds,
             "inference_s": inference_s,
             "training_s": training_s,
@@ -291,6 +293,9 @@ class PPOController:
             "prompts_per_s": len(chosen) / step_s,
             "generated_tokens_per_s": generated / step_s,
         })
+        if recompute:  # else the actor reported the mean over its trained tokens
+            mismatch = logprob_mismatch(batch["engine_logprobs"], old_logprobs, mask)
+            metrics.update(engine_logprob_mismatch_max=mismatch["max"], engine_logprob_mismatch_mean=mismatch["mean"])
         if values is not None:
             metrics["values"] = float(values[mask].mean()) if int(mask.sum()) else 0.0
         for worker, prompts_done in enumerate(generation.worker_prompts):
