@@ -91,6 +91,28 @@ def test_equal_prompts_get_streams_of_their_own(model):
     assert len({tuple(tokens) for tokens in group.token_ids}) > 1
 
 
+def test_repeated_prompts_are_prefilled_once_and_sample_as_if_each_were(model):
+    """Groups of equal prompts (as GRPO sends them): each admission prefills every distinct prompt
+    once and copies its cache to the other slots, and the tokens and log-probs are the static
+    path's, which prefills every row."""
+    distinct = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[4], PROMPTS[5]]  # lengths 3, 9, 6, 2, 12
+    prompts = [prompt for prompt in distinct for _ in range(4)]
+    continuous, static = engines(model, max_batch=6)
+    prefilled = []
+    prefill = continuous.decoder.prefill_hidden_states
+
+    def counting_prefill(input_ids, valid, slots):
+        prefilled.append(len(input_ids))
+        return prefill(input_ids, valid, slots)
+
+    continuous.decoder.prefill_hidden_states = counting_prefill
+    params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW, eos_token_ids=(), seed=3)
+    assert_same_generations(continuous.generate(prompts, params), static.generate(prompts, params))
+    # Every sequence runs MAX_NEW tokens, so slots free 6 at a time: [p0 x4, p1 x2], [p1 x2, p2 x4],
+    # [p4 x4, p5 x2], [p5 x2].
+    assert prefilled == [2, 2, 2, 1]
+
+
 def test_a_finished_slot_is_refilled_at_once(model):
     """While prompts wait every decode step runs all 3 slots; the batch shrinks only once none wait
     (then for at most max_new_tokens steps), and it takes fewer steps than static batches of 3, each

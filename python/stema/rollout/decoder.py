@@ -110,6 +110,13 @@ class StaticKVCache:
     def max_total_len(self) -> int:
         return self.tensor.shape[4]
 
+    def copy_slots(self, sources: torch.Tensor, targets: torch.Tensor, *, columns: int) -> None:
+        """Slot targets[j] gets slot sources[j]'s keys, values and key mask, first `columns` only
+        (no target is also a source)."""
+        self.tensor[:, :, targets, :, :columns] = self.tensor[:, :, sources, :, :columns]
+        self.key_valid[targets] = False
+        self.key_valid[targets, :columns] = self.key_valid[sources, :columns]
+
     def compact(self, keep: list[int], *, columns: int) -> None:
         """Move batch slots `keep` (increasing) to slots 0 .. len(keep) - 1, first `columns` only.
 

@@ -12,7 +12,9 @@ column 0 (its rotary position is its column). The first `max_batch` prompts are 
 slots (right-padded, one forward); at every step each slot advances one token at its own column.
 When a sequence finishes (EOS, stop string or max_new_tokens), the next waiting prompt is prefilled
 into its slot at once, so the batch stays full while prompts wait; once none wait, finished slots
-leave and the active ones move to the front (`StaticKVCache.compact`, in place).
+leave and the active ones move to the front (`StaticKVCache.compact`, in place). Prompts admitted
+together that are equal (a GRPO group's samples) are prefilled once, and the other slots get a copy
+of that slot's cache (`StaticKVCache.copy_slots`).
 
 Batching, static (`continuous_batching=False`): the prompts of one batch of `max_batch` are
 LEFT-padded to the longest (their last tokens share a cache column), and each token gets its rotary
@@ -464,7 +466,8 @@ class _ContinuousGeneration(_Generation):
 
     def _admit(self, slots: list[int]) -> None:
         """Puts the next waiting prompts into `slots` (new slots at the end or freed ones),
-        prefilling all but their last tokens in one forward."""
+        prefilling all but their last tokens in one forward. A prompt admitted more than once (a
+        GRPO group's samples) is prefilled once, and its other slots get a copy of its cache."""
         if not slots:
             return
         device = self.engine.device
@@ -477,17 +480,27 @@ class _ContinuousGeneration(_Generation):
                 self.inputs.append(0)
             self.rows[slot], self.columns[slot], self.inputs[slot] = row, len(prompt) - 1, prompt[-1]
         width = max(len(self.prompts[row]) - 1 for row in rows)
-        slot_index = torch.tensor(slots, device=device)
         if width == 0:  # one-token prompts: nothing to prefill
-            self.engine.cache.key_valid[slot_index] = False
+            self.engine.cache.key_valid[torch.tensor(slots, device=device)] = False
             return
-        input_ids = torch.full((len(rows), width), self.engine.pad_token_id, dtype=torch.int64)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        for index, row in enumerate(rows):
-            head = self.prompts[row][:-1]
+        first_slot: dict[tuple[int, ...], int] = {}  # each distinct prompt head: the slot prefilled with it
+        copies = []  # (source slot, target slot)
+        for slot, row in zip(slots, rows):
+            head = tuple(self.prompts[row][:-1])
+            if head in first_slot:
+                copies.append((first_slot[head], slot))
+            else:
+                first_slot[head] = slot
+        input_ids = torch.full((len(first_slot), width), self.engine.pad_token_id, dtype=torch.int64)
+        valid = torch.zeros(len(first_slot), width, dtype=torch.bool)
+        for index, head in enumerate(first_slot):
             input_ids[index, :len(head)] = torch.tensor(head, dtype=torch.int64)
             valid[index, :len(head)] = True
-        self.engine.decoder.prefill_hidden_states(input_ids.to(device), valid.to(device), slot_index)
+        self.engine.decoder.prefill_hidden_states(input_ids.to(device), valid.to(device),
+                                                  torch.tensor(list(first_slot.values()), device=device))
+        if copies:
+            sources, targets = (torch.tensor(side, device=device) for side in zip(*copies))
+            self.engine.cache.copy_slots(sources, targets, columns=width)
 
     def _compact(self, keep: list[int]) -> None:
         """Moves the slots `keep` (increasing) to the front, dropping the others."""
