@@ -96,17 +96,24 @@ def test_grpo_skipping_uniform_groups_trains_on_the_groups_with_signal(tmp_path)
     assert skipping[0]["grad_norm"] > every[0]["grad_norm"] * 1.01
 
 
-def test_grpo_takes_the_old_logprobs_from_the_update_when_asked(tmp_path):
+@pytest.mark.parametrize("skip", [False, True])
+def test_grpo_takes_the_old_logprobs_from_the_update_when_asked(tmp_path, skip):
+    """With uniform groups skipped the reference also scores only the trained rows (the loss needs
+    no more), so the KL metric is theirs."""
     common = ("trainer.max_steps=3", "optim.lr=3e-3", "optim.schedule=constant", f"reward.function={__name__}:first_character_below_m",
-              "trainer.export_hf=false")
+              "trainer.export_hf=false", f"ppo.skip_uniform_groups={str(skip).lower()}")
     recomputed = read_metrics(cli("grpo", tmp_path / "recompute", *common), "train")
     reused = read_metrics(cli("grpo", tmp_path / "reuse", *common, "ppo.recompute_old_logprobs=false"), "train")
-    # Step 1 samples the same responses from the same weights. The recomputed old log-probs equal the
-    # update's own to the forward's rounding (ratio 1 within ~1e-6 in fp32), so the loss and its
+    # The same responses from the same weights at every step: the recomputed old log-probs equal the
+    # update's own to the forward's rounding (ratio 1 within ~1e-6 in fp32), and the reference's
+    # log-probs of a row do not depend on the other rows scored with it, so each step's loss and
     # gradient agree far inside 1e-4; the clipped fraction is 0 in both.
-    assert reused[0]["reward"] == recomputed[0]["reward"]
-    for key in ("pg_loss", "grad_norm", "loss"):
-        assert reused[0][key] == pytest.approx(recomputed[0][key], rel=1e-4, abs=1e-6), key
+    assert [r["reward"] for r in reused] == [r["reward"] for r in recomputed]
+    for before, after in zip(recomputed, reused):
+        for key in ("pg_loss", "grad_norm", "loss", "kl_loss"):
+            assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-6), key
+    rows = [r["actor_rows"] for r in reused]
+    assert min(rows) < 1.0 if skip else rows == [1.0] * 3  # with skip, a step whose reference scored a subset
     assert reused[0]["clipfrac"] == 0.0 and reused[0]["approx_kl"] == 0.0
     # The KL metric uses the engine's sampling log-probs: at step 1 the policy is the reference.
     assert abs(reused[0]["kl"]) < 1e-3

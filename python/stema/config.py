@@ -260,7 +260,8 @@ class PPOAlgorithmConfig:
         True, "Score the rollout under the policy in a forward of its own before the update. false: with ppo_epochs 1 and "
         "one minibatch the update's forward is that policy, so its detached log-probs are the old ones (TRL's "
         "num_iterations=1): one actor forward less per step. Needs kl_in loss; the kl metric then uses the engine's "
-        "sampling log-probs and only engine_logprob_mismatch_mean (over the trained tokens) is logged."
+        "sampling log-probs and only engine_logprob_mismatch_mean (over the trained tokens) is logged. With "
+        "skip_uniform_groups too, the reference scores only the rows the actor trains on, and the kl metric is theirs."
     )
     skip_uniform_groups: bool = option(
         False, "Train the actor only on the groups (a prompt's samples) whose scores are not all equal (DAPO's dynamic "

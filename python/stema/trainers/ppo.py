@@ -230,21 +230,30 @@ class PPOController:
         inputs = {**model_inputs(batch), "action_mask": batch["action_mask"]}
         started = time.perf_counter()
         recompute = ppo.recompute_old_logprobs
+        # Without the old log-probs' forward (so the KL is in the loss) and with uniform groups
+        # skipped, the reference is needed only on the rows the actor trains on: it runs after the
+        # scores have chosen them, and the KL metric is those rows'.
+        reference_after_scores = not recompute and ppo.skip_uniform_groups
         old_future = roles.actor.submit(ActorWorker.logprobs, inputs) if recompute else None
-        ref_future = roles.reference_logprobs(inputs)
+        ref_future = None if reference_after_scores else roles.reference_logprobs(inputs)
         value_future = roles.critic.submit(CriticWorker.values, inputs) if roles.critic else None
         score_future = roles.score(prompts, generation)
-        # Without the forward of its own, the sampling log-probs stand in for the policy's in the KL metric.
         old_logprobs = old_future.result() if recompute else None
-        ref_logprobs = ref_future.result()
         values = value_future.result() if value_future else None
         raw_scores = score_future.result()
-        inference_s = time.perf_counter() - started
-
         mask = batch["action_mask"]
         scores = shaped_scores(raw_scores, [r.finish_reason for r in rollouts], config, self.moments)
+        kept = self.actor_rows(scores, group_ids)
+        rows = (lambda tensor: tensor) if kept is None else (lambda tensor: tensor[kept])  # no copy when every row trains
+        ref_rows = rows if reference_after_scores else (lambda tensor: tensor)  # the rows the reference scored
+        ref_logprobs = (roles.reference_logprobs({key: rows(value) for key, value in inputs.items()}).result()
+                        if reference_after_scores else ref_future.result())
+        inference_s = time.perf_counter() - started
+
         token_rewards = place_scores(scores, batch["last_action"], mask.shape)
-        log_ratio = ((old_logprobs if recompute else batch["engine_logprobs"]) - ref_logprobs) * mask
+        # Without the forward of its own, the sampling log-probs stand in for the policy's in the KL metric.
+        policy_logprobs = old_logprobs if recompute else batch["engine_logprobs"]
+        log_ratio = (ref_rows(policy_logprobs) - ref_logprobs) * ref_rows(mask)
         kl_coef = self.kl.value
         if ppo.kl_in == "reward":
             token_rewards = token_rewards - kl_coef * kl_from_log_ratio(log_ratio, ppo.kl_estimator) * mask
@@ -256,12 +265,11 @@ class PPOController:
 
         started = time.perf_counter()
         train_actor = step >= ppo.critic_warmup_steps
-        kept = self.actor_rows(scores, group_ids)
-        rows = (lambda tensor: tensor) if kept is None else (lambda tensor: tensor[kept])  # no copy when every row trains
         train_inputs = inputs if recompute else {**inputs, "engine_logprobs": batch["engine_logprobs"]}
         actor_future = roles.actor.submit(
             ActorWorker.train, {key: rows(value) for key, value in train_inputs.items()}, advantages=rows(advantages),
-            old_logprobs=rows(old_logprobs) if recompute else None, ref_logprobs=rows(ref_logprobs), kl_coef=kl_coef,
+            old_logprobs=rows(old_logprobs) if recompute else None,
+            ref_logprobs=ref_logprobs if reference_after_scores else rows(ref_logprobs), kl_coef=kl_coef,
             step=step) if train_actor else None
         critic_future = roles.critic.submit(CriticWorker.train, inputs, old_values=values, returns=returns, step=step) if roles.critic else None
         metrics: dict[str, float] = {}
@@ -272,7 +280,7 @@ class PPOController:
         training_s = time.perf_counter() - started - metrics.get("refit_s", 0.0)
 
         sequence_kl = log_ratio.sum(-1)  # [B] k1 per sequence
-        self.kl.update(float(sequence_kl.mean()), len(rollouts))
+        self.kl.update(float(sequence_kl.mean()), len(sequence_kl))
         response_lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.float32)
         generated = int(response_lengths.sum())
         step_s = time.perf_counter() - step_started
