@@ -8,8 +8,9 @@ For each seed:
 2. GRPO: STEMA runs the demo's RL stage (`stema.demo.stage_ppo`: GRPO advantages, k3 KL in the
    loss, the demo's lr, KL coefficient, prompts and samples per prompt, steps, temperature and
    sampling length) twice: as the demo runs it (`grpo`: the actor trains only on the groups whose
-   samples disagree, `ppo.skip_uniform_groups`), and on every group (`grpo_all_groups`: the same
-   algorithm as TRL's). TRL's `GRPOTrainer` (run once, set against both) gets the same model, the
+   samples disagree, `ppo.skip_uniform_groups`, and the reference scores only those rows), and on
+   every group (`grpo_all_groups`: the same algorithm as TRL's). Both take the old log-probs from
+   the update's own forward (`ppo.recompute_old_logprobs: false`), as TRL does with one iteration. TRL's `GRPOTrainer` (run once, set against both) gets the same model, the
    demo's training prompts, the same exact match reward, prompts x samples per step, lr (constant),
    beta, temperature, completion length,
    clipping 0.2, one optimizer step per generation batch (`num_iterations=1`), group-scaled
