@@ -64,6 +64,15 @@ def test_reward_model_scorer_equals_the_classifier_on_each_sequence_alone(tmp_pa
     torch.testing.assert_close(scores, torch.stack(alone), rtol=0, atol=1e-5)
 
 
+def test_a_causal_lm_given_as_reward_model_is_refused_before_it_scores_noise(tmp_path):
+    from stema.config import RewardSourceConfig
+    from stema.rewards import Reward
+
+    path = loading.resolve_model_path(ModelConfig(path="tiny"), cache_dir=tmp_path)  # the built-in causal LM
+    with pytest.raises(ConfigError, match=r"reward.model: .* LlamaForCausalLM with no trained reward head"):
+        Reward.from_config(RewardSourceConfig(model=str(path)), dtype="float32", device=torch.device("cpu"), cache_dir=tmp_path)
+
+
 def test_reward_model_scorer_refuses_a_multi_output_model(tmp_path):
     path = families.save_family_model(tmp_path / "llama", "llama")
     model, _ = loading.load_reward_model(ModelConfig(path=str(path)), num_labels=3, cache_dir=tmp_path)

@@ -225,6 +225,23 @@ class LogRatioScorer:
         return torch.cat(scores)
 
 
+def check_trained_reward_model(folder: Path, *, field: str) -> None:
+    """ConfigError when `folder` holds no trained reward head (a causal LM's export): loaded as a
+    reward model its head would start random and score noise."""
+    import json
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return  # the loader names a missing folder or config
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ConfigError(
+            f"{field}: {folder} holds {', '.join(architectures) or 'a model'} with no trained reward head (it would start "
+            f"random and score noise); give a `stema rm` export (a sequence classifier, or with reward.readout=log_ratio a "
+            f"causal LM with {LOG_RATIO_FILE} beside it)"
+        )
+
+
 def check_reward_functions(reward: RewardSourceConfig, *, prefix: str = "reward.") -> None:
     """Import every reward function `reward` names, so that a bad `module:function` (or one that
     cannot take (prompt, completion)) is a ConfigError at start-up, before any model loads."""
@@ -261,6 +278,7 @@ class Reward:
             scorer = LogRatioScorer.load(Path(reward.model), dtype=dtype, device=device, cache_dir=cache_dir,
                                          micro_batch_size=reward.micro_batch_size, field=f"{prefix}model")
             return cls(scorer=scorer, eval_function=eval_function, eval_function_name=reward.eval_function)
+        check_trained_reward_model(Path(reward.model), field=f"{prefix}model")
         from stema.models.loading import load_reward_model
 
         model, _ = load_reward_model(ModelConfig(path=reward.model, dtype=dtype), num_labels=1, cache_dir=cache_dir)
