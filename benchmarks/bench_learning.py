@@ -10,8 +10,8 @@ For each seed:
    sampling length) twice: as the demo runs it (`grpo`: the actor trains only on the groups whose
    samples disagree, `ppo.skip_uniform_groups`, and the reference scores only those rows), and on
    every group (`grpo_all_groups`: the same algorithm as TRL's). Both take the old log-probs from
-   the update's own forward (`ppo.recompute_old_logprobs: false`), as TRL does with one iteration. TRL's `GRPOTrainer` (run once, set against both) gets the same model, the
-   demo's training prompts, the same exact match reward, prompts x samples per step, lr (constant),
+   the update's own forward (`ppo.recompute_old_logprobs: false`), as TRL does with one iteration.
+   TRL's `GRPOTrainer` (run once, set against both) gets the same model, the demo's training prompts, the same exact match reward, prompts x samples per step, lr (constant),
    beta, temperature, completion length,
    clipping 0.2, one optimizer step per generation batch (`num_iterations=1`), group-scaled
    rewards, token-level loss over the batch (`loss_type="bnpo"`, STEMA's denominator) and the

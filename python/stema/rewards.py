@@ -179,6 +179,7 @@ class RewardModelScorer:
 
 
 LOG_RATIO_FILE = "stema_reward.json"  # in a log-ratio reward model's folder: {"readout", "beta", "reference"}
+LOG_RATIO_REFERENCE = "reference"  # the reference's folder inside a log-ratio reward model's folder
 
 
 class LogRatioScorer:
@@ -202,7 +203,7 @@ class LogRatioScorer:
         if settings.get("readout") != "log_ratio" or not isinstance(settings.get("beta"), (int, float)):
             raise ConfigError(f"{field}: {folder / LOG_RATIO_FILE} must name readout 'log_ratio' and a number beta; it holds {settings}")
         models = []
-        for path in (folder, folder / settings.get("reference", "reference")):
+        for path in (folder, folder / settings.get("reference", LOG_RATIO_REFERENCE)):
             model, _ = load_policy(ModelConfig(path=str(path), dtype=dtype), cache_dir=cache_dir)
             models.append(model.to(device).eval().requires_grad_(False))
         return cls(*models, beta=float(settings["beta"]), micro_batch_size=micro_batch_size)
@@ -211,32 +212,34 @@ class LogRatioScorer:
         """`[B]` fp32 CPU rewards of the responses to the prompts."""
         from stema.data.collate import collate_sft
         from stema.data.tokenize import IGNORE_INDEX, TokenizedSFT
-        from stema.training.logprobs import completion_token_logprobs, sequence_logprobs
+        from stema.training.logprobs import batched_sequence_logprobs, completion_token_logprobs
 
         examples = [TokenizedSFT(list(prompt) + list(response), [IGNORE_INDEX] * len(prompt) + list(response), f"row {row}")
                     for row, (prompt, response) in enumerate(zip(prompt_token_ids, response_token_ids))]
         device = next(self.policy.parameters()).device
-        scores = []
-        with torch.no_grad(), eval_mode(self.policy), eval_mode(self.reference):
-            for start in range(0, len(examples), self.micro_batch_size):
-                batch = {key: value.to(device) for key, value in collate_sft(examples[start : start + self.micro_batch_size], self.pad_id).items()}
-                policy, reference = (sequence_logprobs(*completion_token_logprobs(model, batch)) for model in (self.policy, self.reference))
-                scores.append((self.beta * (policy - reference)).float().cpu())
-        return torch.cat(scores)
+        batches = [{key: value.to(device) for key, value in collate_sft(examples[start : start + self.micro_batch_size], self.pad_id).items()}
+                   for start in range(0, len(examples), self.micro_batch_size)]
+        logps = []
+        for model in (self.policy, self.reference):
+            with eval_mode(model):
+                logps.append(torch.cat(batched_sequence_logprobs(
+                    model, batches, average=False, token_logprobs=lambda batch, model=model: completion_token_logprobs(model, batch))))
+        return (self.beta * (logps[0] - logps[1])).float().cpu()
 
 
 def check_trained_reward_model(folder: Path, *, field: str) -> None:
     """ConfigError when `folder` holds no trained reward head (a causal LM's export): loaded as a
     reward model its head would start random and score noise."""
-    import json
+    from transformers import AutoConfig
 
-    config_file = folder / "config.json"
-    if not config_file.is_file():
+    from stema.models.loading import is_sequence_classifier
+
+    if not (folder / "config.json").is_file():
         return  # the loader names a missing folder or config
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if not is_sequence_classifier(config):
         raise ConfigError(
-            f"{field}: {folder} holds {', '.join(architectures) or 'a model'} with no trained reward head (it would start "
+            f"{field}: {folder} holds {', '.join(config.architectures or []) or 'a model'} with no trained reward head (it would start "
             f"random and score noise); give a `stema rm` export (a sequence classifier, or with reward.readout=log_ratio a "
             f"causal LM with {LOG_RATIO_FILE} beside it)"
         )

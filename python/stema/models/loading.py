@@ -254,13 +254,18 @@ def load_policy(model_cfg: ModelConfig, *, cache_dir: str | Path):
     return model, tokenizer
 
 
+def is_sequence_classifier(config) -> bool:
+    """Whether a saved model's config (transformers' `PretrainedConfig`) is a sequence classifier's:
+    a reward model with its trained head, not a causal LM."""
+    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+
+
 def _check_saved_head(path: Path, num_labels: int) -> None:
     """A saved reward model must have the asked-for number of outputs (a causal LM has none yet)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    is_classifier = any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
-    if is_classifier and config.num_labels != num_labels:
+    if is_sequence_classifier(config) and config.num_labels != num_labels:
         raise ConfigError(
             f"model.path: {path} is a reward model with {config.num_labels} outputs, "
             f"but {num_labels} were asked for (reward.num_attributes)"

@@ -36,7 +36,7 @@ from stema.losses import get_loss
 from stema.losses.reward import IGNORE_LABEL
 from stema.models.loading import load_reward_model
 from stema.models.value_head import reward_scores
-from stema.rewards import LOG_RATIO_FILE
+from stema.rewards import LOG_RATIO_FILE, LOG_RATIO_REFERENCE
 from stema.trainers.dpo import DPOAlgorithm, train_on_pairs
 from stema.training import TrainResult
 from stema.training.loop import evaluate_sums
@@ -161,9 +161,6 @@ def run_log_ratio(config: RMConfig) -> TrainResult:
 
     return train_on_pairs(config, preference=preference, command="rm", algorithm_class=LogRatioRewardAlgorithm,
                           finish=add_reference)
-
-
-LOG_RATIO_REFERENCE = "reference"  # the folder of the reference inside the export
 
 
 def run(config: RMConfig) -> TrainResult:
