@@ -1,4 +1,5 @@
-"""refit_ and RefitPlan against torch's own `dst.copy_(src)`, bit for bit, plus every error.
+"""refit_ and RefitPlan against torch's own `dst.copy_(src)`, bit for bit, plus every error; pack_rows_
+and PackRowsPlan (the CPU refit into a row-block packed layout) against `reference.pack_rows`.
 
 NaN payloads: torch's CPU copy_ writes different NaN bits in its vector and scalar paths (bf16:
 0xffff or 0x7fc0), so on the CPU a NaN must stay a NaN and every other value must match bit for
@@ -12,7 +13,7 @@ import math
 import pytest
 import torch
 
-from stema_kernels import RefitPlan, _dispatch, refit_
+from stema_kernels import PackRowsPlan, RefitPlan, _dispatch, pack_rows_, refit_, reference
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -299,3 +300,110 @@ def test_adjacent_destinations_are_fine(device):
     RefitPlan([buffer[0:6], buffer[6:12], buffer[12:17]], sources).apply()
     expected = torch.cat([tensor.cpu() for tensor in sources] + [torch.zeros(3)])
     assert torch.equal(buffer.cpu(), expected)
+
+
+# ---- pack_rows_: refit into a row-block packed layout (CPU) ----
+
+
+def packed_by_reference(src: torch.Tensor, dtype: torch.dtype, *, block: int, pair: int) -> torch.Tensor:
+    return reference.pack_rows(src, block=block, pair=pair, dtype=dtype)
+
+
+@pytest.mark.parametrize("dst_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("src_dtype", FLOAT_DTYPES, ids=str)
+def test_pack_rows_is_the_reference_layout_for_every_dtype_pair(src_dtype, dst_dtype):
+    """Every value class (the special values, every 16-bit pattern or random bits) through every
+    conversion: the packed values are those of torch's cast (NaN payloads aside, as for refit_)."""
+    values = sample_values(src_dtype, "cpu")
+    cols = 2 * 37  # 37 column pairs: past the last full 8-unit tile
+    rows = (values.numel() // cols) // 16 * 16
+    src = values[: rows * cols].reshape(rows, cols).contiguous()
+    pair = 2 if dst_dtype.itemsize <= 4 else 1
+    packed = torch.empty(rows * cols, dtype=dst_dtype)
+    pack_rows_([packed], [src], blocks=[16], pairs=[pair])
+    assert_same_bits(packed, packed_by_reference(src, dst_dtype, block=16, pair=pair))
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "block", "pair", "dtype"),
+    [
+        (128, 512, 64, 1, torch.float32),   # fp32 engines: AVX2 8 x 8 tiles, streamed stores
+        (128, 1408, 64, 2, torch.bfloat16),  # bf16 engines: pairs of columns, 4-byte units
+        (96, 300, 32, 1, torch.float32),     # a column tail past the last 8-unit tile
+        (36, 40, 12, 1, torch.float32),      # a block that is not a multiple of 8 rows (scalar row tail)
+        (30, 130, 10, 2, torch.float16),     # odd everything
+        (16, 64, 16, 4, torch.float32),      # 16-byte units
+        (16, 64, 16, 1, torch.bfloat16),     # 2-byte units
+        (7, 5, 7, 1, torch.float64),         # 8-byte units, a single block
+    ],
+)
+@pytest.mark.parametrize("src_dtype", [torch.float32, "same"], ids=["from-fp32", "same-dtype"])
+def test_pack_rows_shapes_units_and_tails(rows, cols, block, pair, dtype, src_dtype):
+    src_dtype = dtype if src_dtype == "same" else src_dtype
+    generator = torch.Generator().manual_seed(rows * cols)
+    sources = [torch.randn(rows, cols, generator=generator).to(src_dtype) for _ in range(2)]
+    packed = [torch.full((rows * cols,), 7.0, dtype=dtype) for _ in range(2)]
+    pack_rows_(packed, sources, blocks=[block, block], pairs=[pair, pair])
+    for destination, source in zip(packed, sources):
+        assert_same_bits(destination, packed_by_reference(source, dtype, block=block, pair=pair))
+
+
+def test_pack_rows_writes_a_span_of_row_blocks_and_nothing_else():
+    """Rows [64, 128) of a [192, 64] weight are the contiguous span [64 * 64, 128 * 64) of its
+    packed memory (how a refit writes k of a fused q/k/v)."""
+    whole = torch.randn(192, 64)
+    packed = packed_by_reference(whole, torch.float32, block=64, pair=1)
+    before = packed.clone()
+    update = torch.randn(64, 64)
+    pack_rows_([packed[64 * 64:128 * 64]], [update], blocks=[64], pairs=[1])
+    whole[64:128] = update
+    assert torch.equal(packed, packed_by_reference(whole, torch.float32, block=64, pair=1))
+    assert torch.equal(packed[:64 * 64], before[:64 * 64]) and torch.equal(packed[128 * 64:], before[128 * 64:])
+
+
+def test_pack_rows_plan_reapplies_and_refuses_moved_storage():
+    sources = [torch.randn(64, 64), torch.randn(32, 16)]
+    packed = [torch.empty(64 * 64, dtype=torch.bfloat16), torch.empty(32 * 16)]
+    plan = PackRowsPlan(packed, sources, blocks=[64, 16], pairs=[2, 1])
+    assert len(plan) == 2 and plan.num_bytes == 64 * 64 * 2 + 32 * 16 * 4
+    for step in range(2):
+        for source in sources:
+            source.copy_(torch.randn(source.shape) * (step + 1))
+        plan()
+        assert torch.equal(packed[0], packed_by_reference(sources[0], torch.bfloat16, block=64, pair=2))
+        assert torch.equal(packed[1], packed_by_reference(sources[1], torch.float32, block=16, pair=1))
+    sources[1].data = torch.randn(32, 16)
+    with pytest.raises(ValueError, match=r"pack_rows weight 1: src storage moved since the PackRowsPlan was built"):
+        plan.apply()
+
+
+def test_pack_rows_errors_name_the_weight():
+    def call(packed, src, block=8, pair=1):
+        pack_rows_(packed, src, blocks=[block] * len(src), pairs=[pair] * len(src))
+
+    ok_packed, ok_src = torch.empty(64), torch.randn(8, 8)
+    with pytest.raises(ValueError, match=r"pack_rows_: 1 packed, 2 src"):
+        pack_rows_([ok_packed], [ok_src, ok_src], blocks=[8, 8], pairs=[1, 1])
+    with pytest.raises(ValueError, match=r"weight 1: packed holds 60 elements but src \[8, 8\] has 64"):
+        call([ok_packed, torch.empty(60)], [ok_src, torch.randn(8, 8)])
+    with pytest.raises(ValueError, match=r"weight 0: block 3 \(1 to 128\) must divide rows 8"):
+        call([ok_packed], [ok_src], block=3)
+    with pytest.raises(ValueError, match=r"weight 0: block 256"):
+        call([torch.empty(256 * 2)], [torch.randn(256, 2)], block=256)
+    with pytest.raises(ValueError, match=r"weight 0: block 8 .* pair 3"):
+        call([torch.empty(48)], [torch.randn(8, 6)], pair=3)  # 3 divides 6 but not 64
+    with pytest.raises(ValueError, match=r"weight 0: src must be a contiguous \[rows, cols\] matrix"):
+        call([ok_packed], [torch.randn(8, 8).t()])
+    with pytest.raises(ValueError, match=r"weight 0: src must be a contiguous \[rows, cols\] matrix"):
+        call([ok_packed], [torch.randn(64)])
+    with pytest.raises(ValueError, match=r"weight 0: packed requires grad"):
+        call([torch.empty(64, requires_grad=True)], [ok_src])
+    with pytest.raises(ValueError, match=r"weight 0: a group of pair 8 torch.float32 elements exceeds 16 bytes"):
+        call([torch.empty(64)], [ok_src], pair=8)
+    with pytest.raises(ValueError, match=r"weight 0: packed is torch.int32; packing takes"):
+        call([torch.empty(64, dtype=torch.int32)], [ok_src])
+    with pytest.raises(ValueError, match=r"weight 0: packed layouts are a CPU thing"):
+        call([torch.empty(64, device="meta")], [ok_src])
+    buffer = torch.empty(128)
+    with pytest.raises(ValueError, match=r"refit pairs 0 and 1: dst memory overlaps"):
+        call([buffer[0:64], buffer[32:96]], [ok_src, torch.randn(8, 8)])

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "registry.h"
+#include "stema/common.h"
 #include "stema/refit.h"
 
 namespace py = pybind11;
@@ -87,6 +88,29 @@ STEMA_REGISTER_BINDINGS(m) {
       },
       py::arg("table"), py::arg("count"), py::arg("total_chunks"), py::call_guard<py::gil_scoped_release>(),
       "Runs a CPU plan's descriptor table (written by refit_write_table_cpu).");
+
+  m.def(
+      "refit_pack_rows_cpu",
+      [](std::vector<std::uintptr_t> packed, std::vector<std::uintptr_t> src,
+         std::vector<std::int64_t> rows, std::vector<std::int64_t> cols, std::vector<std::int64_t> block,
+         std::vector<std::int64_t> pair, std::vector<int> dst_dtypes, std::vector<int> src_dtypes) {
+        const std::size_t count = packed.size();
+        STEMA_CHECK(src.size() == count && rows.size() == count && cols.size() == count &&
+                        block.size() == count && pair.size() == count && dst_dtypes.size() == count &&
+                        src_dtypes.size() == count,
+                    "refit_pack_rows_cpu: the argument lists differ in length");
+        std::vector<stema::refit::PackRowsDescriptor> table(count);
+        for (std::size_t i = 0; i < count; ++i) {
+          table[i] = {reinterpret_cast<void*>(packed[i]), reinterpret_cast<const void*>(src[i]), rows[i], cols[i], block[i], pair[i], dst_dtypes[i],
+                      src_dtypes[i]};
+        }
+        py::gil_scoped_release release;
+        stema::refit::pack_rows_cpu(table.data(), static_cast<std::int64_t>(count));
+      },
+      py::arg("packed"), py::arg("src"), py::arg("rows"), py::arg("cols"), py::arg("block"),
+      py::arg("pair"), py::arg("dst_dtypes"), py::arg("src_dtypes"),
+      "Packs each row-major src [rows, cols] into the row-block layout at `packed`, casting; see "
+      "PackRowsDescriptor.");
 
 #if defined(STEMA_WITH_CUDA)
   m.def("refit_cuda", &refit_lists_cuda, py::arg("dst"), py::arg("src"), py::arg("counts"), py::arg("dst_dtypes"),

@@ -10,6 +10,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include "stema/common.h"
 
@@ -267,6 +272,211 @@ void refit_cpu(const RefitDescriptor* table, std::int64_t count, std::int64_t to
     const std::int64_t begin = (chunk - pair.first_chunk) * pair.chunk_elements;
     const std::int64_t end = std::min(begin + pair.chunk_elements, pair.count);
     refit_range(pair, begin, end);
+  }
+}
+
+
+// ---- Row-block packing (see PackRowsDescriptor in refit.h).
+//
+// Grouping each `pair` of adjacent columns into one unit of pair * sizeof(dst) bytes, a row
+// block's packed image is the transpose of the block as a [block, cols / pair] matrix of units. A
+// column tile of the block is first converted row by row into a staging buffer in L1 (the same
+// vectorized conversion loop as the flat refit), then transposed unit-wise into the packed buffer: 8 x 8 tiles of 4-byte units through AVX2 registers
+// where the CPU has AVX2, a plain loop otherwise.
+
+namespace {
+
+constexpr std::int64_t kPackTile = 256;       // columns per tile; a multiple of every pair
+constexpr std::int64_t kMaxPackBlock = 128;   // rows per block the staging buffer holds
+// Bytes per staged row: a tile's row (at most kPackTile 8-byte elements) plus one 64-byte line
+// (a multiple of every unit size, 1 to 16 bytes).
+constexpr std::int64_t kStagingRowBytes = kPackTile * 8 + 64;
+
+template <typename Unit>
+STEMA_REFIT_ALWAYS_INLINE void transpose_units_scalar(const Unit* __restrict__ in, std::int64_t in_stride,
+                                                      Unit* __restrict__ out, std::int64_t out_stride,
+                                                      std::int64_t rows, std::int64_t cols) {
+  for (std::int64_t c = 0; c < cols; ++c) {
+    for (std::int64_t r = 0; r < rows; ++r) out[c * out_stride + r] = in[r * in_stride + c];
+  }
+}
+
+#if defined(STEMA_REFIT_AVX2)
+// out[k][j] = in[j][k] for an 8 x 8 tile of 4-byte units (strides in units); `Stream`: with
+// non-temporal stores (out and out_stride 32-byte aligned).
+template <bool Stream>
+__attribute__((target("avx2"), always_inline)) inline void transpose_8x8_u32(const std::uint32_t* in,
+                                                                           std::int64_t in_stride,
+                                                                           std::uint32_t* out,
+                                                                           std::int64_t out_stride) {
+  __m256 v[8];
+  for (int k = 0; k < 8; ++k) v[k] = _mm256_loadu_ps(reinterpret_cast<const float*>(in + k * in_stride));
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  const __m256 o[8] = {_mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
+                       _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
+                       _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
+                       _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
+  if (Stream) {
+    for (int k = 0; k < 8; ++k) _mm256_stream_ps(reinterpret_cast<float*>(out + k * out_stride), o[k]);
+  } else {
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(reinterpret_cast<float*>(out + k * out_stride), o[k]);
+  }
+}
+
+// out[c][r] = in[r][c] for 4-byte units, rows and cols multiples of 8 handled in registers.
+__attribute__((target("avx2"))) void transpose_u32_avx2(const std::uint32_t* in, std::int64_t in_stride,
+                                                        std::uint32_t* out, std::int64_t out_stride,
+                                                        std::int64_t rows, std::int64_t cols) {
+  const std::int64_t rows8 = rows & ~std::int64_t{7};
+  const std::int64_t cols8 = cols & ~std::int64_t{7};
+  // Columns outer: each 8 x 8 tile continues the runs of its 8 output rows that the tile above it
+  // (the previous 8 input rows) began, so whole output lines are written in quick succession: with
+  // non-temporal stores (where aligned) they go to memory without being read first, as a large
+  // memcpy's do. The caller fences (`_mm_sfence`) before anyone reads the output.
+  const bool stream = reinterpret_cast<std::uintptr_t>(out) % 32 == 0 && out_stride % 8 == 0;
+  for (std::int64_t c = 0; c < cols8; c += 8) {
+    for (std::int64_t r = 0; r < rows8; r += 8) {
+      if (stream) {
+        transpose_8x8_u32<true>(in + r * in_stride + c, in_stride, out + c * out_stride + r, out_stride);
+      } else {
+        transpose_8x8_u32<false>(in + r * in_stride + c, in_stride, out + c * out_stride + r, out_stride);
+      }
+    }
+    // rows past the last multiple of 8
+    transpose_units_scalar(in + rows8 * in_stride + c, in_stride, out + c * out_stride + rows8, out_stride,
+                           rows - rows8, 8);
+  }
+  transpose_units_scalar(in + cols8, in_stride, out + cols8 * out_stride, out_stride, rows, cols - cols8);
+}
+#endif
+
+template <int Bytes> struct UnitOf;
+template <> struct UnitOf<1> { using type = std::uint8_t; };
+template <> struct UnitOf<2> { using type = std::uint16_t; };
+template <> struct UnitOf<4> { using type = std::uint32_t; };
+template <> struct UnitOf<8> { using type = std::uint64_t; };
+template <> struct UnitOf<16> { struct type { std::uint64_t low, high; }; };
+
+template <int Bytes>
+void transpose_units(const void* in, std::int64_t in_stride, void* out, std::int64_t out_stride, std::int64_t rows,
+                     std::int64_t cols) {
+  using Unit = typename UnitOf<Bytes>::type;
+#if defined(STEMA_REFIT_AVX2)
+  if constexpr (Bytes == 4) {
+    if (kCpuHasAvx2) {
+      transpose_u32_avx2(static_cast<const std::uint32_t*>(in), in_stride, static_cast<std::uint32_t*>(out),
+                         out_stride, rows, cols);
+      return;
+    }
+  }
+#endif
+  transpose_units_scalar(static_cast<const Unit*>(in), in_stride, static_cast<Unit*>(out), out_stride, rows, cols);
+}
+
+// Transposes a [rows, cols] matrix of `unit_bytes` units (strides in units).
+void transpose_any_units(int unit_bytes, const void* in, std::int64_t in_stride, void* out, std::int64_t out_stride,
+                         std::int64_t rows, std::int64_t cols) {
+  switch (unit_bytes) {
+    case 1: transpose_units<1>(in, in_stride, out, out_stride, rows, cols); return;
+    case 2: transpose_units<2>(in, in_stride, out, out_stride, rows, cols); return;
+    case 4: transpose_units<4>(in, in_stride, out, out_stride, rows, cols); return;
+    case 8: transpose_units<8>(in, in_stride, out, out_stride, rows, cols); return;
+    case 16: transpose_units<16>(in, in_stride, out, out_stride, rows, cols); return;
+    default: STEMA_CHECK(false, "pack_rows: unsupported unit of " << unit_bytes << " bytes");
+  }
+}
+
+// Converts one row segment: `count` src elements -> dst elements (bits copied for one dtype).
+void convert_row(const PackRowsDescriptor& d, const void* src, void* dst, std::int64_t count) {
+  if (d.src_dtype == d.dst_dtype) {
+    std::memcpy(dst, src, static_cast<std::size_t>(count * dtype_size(to_dtype(d.dst_dtype))));
+    return;
+  }
+  dispatch_float(static_cast<DType>(d.src_dtype), [&](auto src_tag) {
+    dispatch_float(static_cast<DType>(d.dst_dtype), [&](auto dst_tag) {
+      convert_elements<decltype(src_tag)::value, decltype(dst_tag)::value>(src, dst, 0, count);
+    });
+  });
+}
+
+void pack_one_block(const PackRowsDescriptor& d, std::int64_t block_index) {
+  const std::int64_t src_size = dtype_size(to_dtype(d.src_dtype));
+  const std::int64_t dst_size = dtype_size(to_dtype(d.dst_dtype));
+  const int unit_bytes = static_cast<int>(d.pair * dst_size);
+  const std::int64_t first_row = block_index * d.block;
+  const char* src = static_cast<const char*>(d.src) + first_row * d.cols * src_size;
+  char* packed = static_cast<char*>(d.packed) + first_row * d.cols * dst_size;
+  if (d.src_dtype == d.dst_dtype) {
+    // The block as [block, cols / pair] units straight into its packed image.
+    transpose_any_units(unit_bytes, src, d.cols / d.pair, packed, d.block, d.block, d.cols / d.pair);
+    return;
+  }
+  // Converting: each column tile of the block is converted row by row into a staging buffer, then
+  // transposed from there.
+  // Staging rows kStagingRowBytes apart: not a power of two, so a column of the tile spans many cache sets.
+  alignas(64) char staging[kMaxPackBlock * kStagingRowBytes];
+  const std::int64_t staged_units = kStagingRowBytes / unit_bytes;
+  for (std::int64_t c0 = 0; c0 < d.cols; c0 += kPackTile) {
+    const std::int64_t width = std::min(kPackTile, d.cols - c0);
+    for (std::int64_t r = 0; r < d.block; ++r) {
+      convert_row(d, src + (r * d.cols + c0) * src_size, staging + r * kStagingRowBytes, width);
+    }
+    transpose_any_units(unit_bytes, staging, staged_units, packed + c0 * d.block * dst_size, d.block, d.block,
+                        width / d.pair);
+  }
+}
+
+}  // namespace
+
+void check_pack_rows(const PackRowsDescriptor* table, std::int64_t count) {
+  STEMA_CHECK(count >= 0, "pack_rows: negative descriptor count " << count);
+  for (std::int64_t i = 0; i < count; ++i) {
+    const PackRowsDescriptor& d = table[i];
+    to_dtype(d.src_dtype);  // throws on an unknown code
+    to_dtype(d.dst_dtype);
+    STEMA_CHECK(d.block >= 1 && d.block <= kMaxPackBlock && d.pair >= 1 && d.rows >= 0 && d.cols >= 0 &&
+                    d.pair * dtype_size(to_dtype(d.dst_dtype)) <= 16,
+                "pack_rows descriptor " << i << ": block " << d.block << ", pair " << d.pair << ", rows " << d.rows
+                                        << ", cols " << d.cols << " (block 1 to " << kMaxPackBlock
+                                        << ", pair >= 1 and a unit of pair elements at most 16 bytes)");
+    STEMA_CHECK(d.rows % d.block == 0 && d.cols % d.pair == 0 && kPackTile % d.pair == 0,
+                "pack_rows descriptor " << i << ": rows " << d.rows << " must be a multiple of block " << d.block
+                                        << " and cols " << d.cols << " of pair " << d.pair << " (which divides "
+                                        << kPackTile << ")");
+    STEMA_CHECK(d.rows * d.cols == 0 || (d.packed != nullptr && d.src != nullptr),
+                "pack_rows descriptor " << i << ": null data pointer");
+  }
+}
+
+void pack_rows_cpu(const PackRowsDescriptor* table, std::int64_t count) {
+  check_pack_rows(table, count);
+  // Work units: the row blocks of all descriptors; first_block[i] is descriptor i's first unit.
+  std::vector<std::int64_t> first_block(static_cast<std::size_t>(count) + 1, 0);
+  std::int64_t src_bytes = 0;
+  for (std::int64_t i = 0; i < count; ++i) {
+    const PackRowsDescriptor& d = table[i];
+    first_block[i + 1] = first_block[i] + (d.cols == 0 ? 0 : d.rows / d.block);
+    src_bytes += d.rows * d.cols * dtype_size(to_dtype(d.src_dtype));
+  }
+  const std::int64_t total_blocks = first_block[count];
+  [[maybe_unused]] const int threads = static_cast<int>(std::clamp<std::int64_t>(
+      std::min(src_bytes / kCpuChunkBytes, total_blocks), 1, max_threads()));
+#if defined(STEMA_WITH_OPENMP)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+#endif
+  for (std::int64_t unit = 0; unit < total_blocks; ++unit) {
+    const auto owner = std::upper_bound(first_block.begin(), first_block.end(), unit) - first_block.begin() - 1;
+    pack_one_block(table[owner], unit - first_block[owner]);
+#if defined(STEMA_REFIT_AVX2)
+    _mm_sfence();  // the block's non-temporal stores are visible before the region ends
+#endif
   }
 }
 

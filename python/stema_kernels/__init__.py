@@ -9,16 +9,18 @@ from . import reference
 from ._dispatch import build_info
 from .gae import discounted_returns, gae
 from .logprobs import logprob_kl, token_logprobs
-from .refit import RefitPlan, refit_
+from .refit import PackRowsPlan, RefitPlan, pack_rows_, refit_
 from .scheduler import Scheduler
 
 __all__ = [
+    "PackRowsPlan",
     "RefitPlan",
     "Scheduler",
     "build_info",
     "discounted_returns",
     "gae",
     "logprob_kl",
+    "pack_rows_",
     "reference",
     "refit_",
     "token_logprobs",

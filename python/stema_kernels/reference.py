@@ -138,6 +138,14 @@ def refit_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         destination.copy_(source)
 
 
+
+def pack_rows(src: torch.Tensor, *, block: int, pair: int, dtype: torch.dtype) -> torch.Tensor:
+    """src [rows, cols] cast to `dtype` in the row-block layout of `stema_kernels.pack_rows_`, flat:
+    packed[b][c // pair][r][c % pair] = src[b * block + r][c]."""
+    rows, cols = src.shape
+    blocks = src.to(dtype).reshape(rows // block, block, cols // pair, pair)
+    return blocks.permute(0, 2, 1, 3).contiguous().flatten()
+
 # ---- load-balanced rollout scheduler ----------------------------------------------------------
 
 

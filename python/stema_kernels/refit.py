@@ -23,7 +23,7 @@ import torch
 from . import _dispatch, reference
 from ._dispatch import _C
 
-__all__ = ["RefitPlan", "refit_"]
+__all__ = ["PackRowsPlan", "RefitPlan", "pack_rows_", "refit_"]
 
 
 class _Pairs(NamedTuple):
@@ -259,5 +259,117 @@ class RefitPlan:
                 _cuda_index(self._device),
                 _dispatch.stream_handle(self._device),
             )
+
+    __call__ = apply
+
+
+# ---- refit into a row-block packed layout ---------------------------------------------------------
+
+MAX_PACK_BLOCK = 128
+
+
+def _pack_rows_args(packed: Sequence[torch.Tensor], src: Sequence[torch.Tensor], blocks: Sequence[int],
+                    pairs: Sequence[int]) -> tuple[list, ...]:
+    """Checks every descriptor (errors name its index) and returns the `_C.refit_pack_rows_cpu` lists."""
+    packed, src, blocks, pairs = list(packed), list(src), list(blocks), list(pairs)
+    if not len(packed) == len(src) == len(blocks) == len(pairs):
+        raise ValueError(f"pack_rows_: {len(packed)} packed, {len(src)} src, {len(blocks)} blocks and "
+                         f"{len(pairs)} pairs; one of each per weight")
+    for index, (dst, source, block, pair) in enumerate(zip(packed, src, blocks, pairs)):
+        where = f"pack_rows_ weight {index}"
+        if not isinstance(dst, torch.Tensor) or not isinstance(source, torch.Tensor):
+            raise TypeError(f"{where}: packed and src must be torch.Tensors")
+        if dst.device.type != "cpu" or source.device.type != "cpu":
+            raise ValueError(f"{where}: packed layouts are a CPU thing; got {dst.device} and {source.device}")
+        if source.dim() != 2 or not source.is_contiguous() or not dst.is_contiguous():
+            raise ValueError(f"{where}: src must be a contiguous [rows, cols] matrix and packed contiguous, got src "
+                             f"shape {tuple(source.shape)}")
+        rows, cols = source.shape
+        if dst.numel() != source.numel():
+            raise ValueError(f"{where}: packed holds {dst.numel()} elements but src [{rows}, {cols}] has {source.numel()}")
+        if not 1 <= block <= MAX_PACK_BLOCK or pair < 1 or rows % block or cols % pair or 64 % pair:
+            raise ValueError(f"{where}: block {block} (1 to {MAX_PACK_BLOCK}) must divide rows {rows} and pair "
+                             f"{pair} (which divides 64) must divide cols {cols}")
+        if dst.requires_grad:
+            raise ValueError(f"{where}: packed requires grad; pack into inference buffers only")
+        if pair * dst.dtype.itemsize > 16:
+            raise ValueError(f"{where}: a group of pair {pair} {dst.dtype} elements exceeds 16 bytes")
+        for name, tensor in (("packed", dst), ("src", source)):
+            if tensor.dtype not in _dispatch.DTYPE_CODES:
+                supported = ", ".join(str(dtype) for dtype in _dispatch.DTYPE_CODES)
+                raise ValueError(f"{where}: {name} is {tensor.dtype}; packing takes {supported}")
+    return (
+        [tensor.data_ptr() for tensor in packed],
+        [tensor.data_ptr() for tensor in src],
+        [tensor.shape[0] for tensor in src],
+        [tensor.shape[1] for tensor in src],
+        blocks,
+        pairs,
+        [_dispatch.DTYPE_CODES[tensor.dtype] for tensor in packed],
+        [_dispatch.DTYPE_CODES[tensor.dtype] for tensor in src],
+    )
+
+
+def pack_rows_(packed: Sequence[torch.Tensor], src: Sequence[torch.Tensor], *, blocks: Sequence[int],
+               pairs: Sequence[int]) -> None:
+    """Write each `src[i]` [rows, cols] into `packed[i]` in a row-block packed layout, casting dtype;
+    one OpenMP region over every row block of every weight (CPU only).
+
+    The layout is oneDNN's prepacked inner-product weight on the CPU for blocks of `block` rows and
+    VNNI groups of `pair` columns: flat, packed[b][c // pair][r][c % pair] = src[b * block + r][c]
+    (`stema_kernels.reference.pack_rows`). A refit that writes the trainer's weights straight into a
+    generation engine's prepacked buffers this way skips the repack (a reorder into newly allocated
+    memory) that torch's API would need after every refit. Bit-identical to casting with `refit_`
+    and then reordering.
+
+    packed[i]: a contiguous tensor of src[i].numel() elements in the destination dtype (a span of
+    rows [b0 * block, b1 * block) of a packed weight is contiguous); src[i]: contiguous 2-D, rows a
+    multiple of blocks[i] (1 to 128), cols a multiple of pairs[i] (which divides 64). Raises
+    ValueError naming the weight index; destinations must not overlap each other or any src.
+    """
+    args = _pack_rows_args(packed, src, blocks, pairs)
+    _check_no_overlap(list(packed), list(src))
+    _C.refit_pack_rows_cpu(*args)
+
+
+def _check_no_overlap(packed: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """The flat refit's overlap check (`_C.refit_check_pairs`) over the same byte ranges."""
+    raw, codes = _C.refit_raw_bytes, _dispatch.DTYPE_CODES
+    same = [dst.dtype is source.dtype for dst, source in zip(packed, src)]
+    _C.refit_check_pairs(
+        [tensor.data_ptr() for tensor in packed],
+        [tensor.data_ptr() for tensor in src],
+        [dst.nbytes if one else dst.numel() for dst, one in zip(packed, same)],
+        [raw if one else codes[dst.dtype] for dst, one in zip(packed, same)],
+        [raw if one else codes[source.dtype] for source, one in zip(src, same)],
+    )
+
+
+class PackRowsPlan:
+    """`pack_rows_` over a fixed set of weights, checked once, re-run every refit (`apply()`), like
+    `RefitPlan`: the tensors' storage must stay where it is (apply raises ValueError naming the
+    weight if one moved)."""
+
+    def __init__(self, packed: Sequence[torch.Tensor], src: Sequence[torch.Tensor], *, blocks: Sequence[int],
+                 pairs: Sequence[int]) -> None:
+        self._packed, self._src = tuple(packed), tuple(src)
+        self._args = _pack_rows_args(self._packed, self._src, blocks, pairs)
+        if self._packed:
+            _check_no_overlap(list(self._packed), list(self._src))
+        self.num_bytes = sum(tensor.nbytes for tensor in self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def apply(self) -> None:
+        """Pack every src into its destination again (their current values), in place."""
+        for role, tensors, recorded in (("packed", self._packed, self._args[0]), ("src", self._src, self._args[1])):
+            current = [tensor.data_ptr() for tensor in tensors]
+            if current != recorded:
+                index = next(i for i, (now, then) in enumerate(zip(current, recorded)) if now != then)
+                raise ValueError(f"pack_rows weight {index}: {role} storage moved since the PackRowsPlan was built; "
+                                 "build a new plan")
+        if self._packed:
+            _C.refit_pack_rows_cpu(*self._args)
 
     __call__ = apply

@@ -79,6 +79,30 @@ STEMA_REFIT_HOST_DEVICE inline std::int64_t find_pair(const RefitDescriptor* tab
 // Runs every chunk of `table` (described with kCpuChunkBytes) in one OpenMP parallel region.
 void refit_cpu(const RefitDescriptor* table, std::int64_t count, std::int64_t total_chunks);
 
+// ---- Row-block packing (CPU): refit straight into a GEMM library's prepacked weight layout.
+//
+// oneDNN prepacks a linear weight W [rows, cols] (rows = output features) for its CPU GEMMs into
+// blocks of `block` rows; inside a block the columns come in groups of `pair` (1 for fp32, 2 for
+// bf16's VNNI pairs), the rows of the block inner to each group:
+//     packed[b][c / pair][r][c % pair] = W[b * block + r][c]        (r < block)
+// One descriptor packs src into that layout, casting src_dtype -> dst_dtype as the refit does
+// (bit-identical to converting with `refit_cpu` and then letting oneDNN reorder).
+struct PackRowsDescriptor {
+  void* packed;
+  const void* src;              // row-major [rows, cols]
+  std::int64_t rows;            // a multiple of block
+  std::int64_t cols;            // a multiple of pair
+  std::int64_t block;           // 1 to 128
+  std::int64_t pair;
+  std::int32_t dst_dtype;       // stema::DType codes (equal codes copy the bits)
+  std::int32_t src_dtype;
+};
+
+// Throws std::invalid_argument naming the descriptor for bad sizes, codes or null pointers.
+void check_pack_rows(const PackRowsDescriptor* table, std::int64_t count);
+// Packs every descriptor (one OpenMP region over all row blocks of all descriptors).
+void pack_rows_cpu(const PackRowsDescriptor* table, std::int64_t count);
+
 #if defined(STEMA_WITH_CUDA)
 // `host_table` (described with kCudaChunkBytes) is passed by value in the kernel parameters: one
 // launch per kMaxDescriptorsPerLaunch pairs. Nothing is allocated.
