@@ -425,7 +425,7 @@ def test_single_query_attention_equals_attention_in_float64(dtype):
 def test_prepacked_and_plain_engines_agree(family_model, tokenizer):
     """The prepacked linear weights (default on the CPU) give the plain engine's logits (fp32: the
     two GEMMs differ only in the order of their sums, 1e-5 as against HF) and its greedy tokens."""
-    from stema.rollout.decoder import can_prepack
+    from stema.rollout.packed import can_prepack
 
     _, model = family_model
     packed = GenerationEngine.from_hf(model, max_batch=4, max_total_len=32)

@@ -44,3 +44,16 @@ def save_spread_model(path, spec, *, seed: int, std: float = 0.3):
     spread(build_model(spec, tokenizer), seed=seed, std=std).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def block_sized_llama(*, tied: bool, seed: int, kv_heads: int = 2) -> torch.nn.Module:
+    """A scrambled 2-layer Llama whose every weight dimension is a multiple of 64 (hidden 64, head_dim
+    32, intermediate 128, vocabulary 128): the sizes for which oneDNN packs linear weights in whole
+    row blocks, so a CPU engine keeps them only packed and refits write them in place."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return scramble(LlamaForCausalLM(config).eval(), seed=seed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .architecture import decoder_spec_from_hf, unwrap_hf_model
-from .refit import EngineRefitter, check_same_architecture, weight_pairs
+from .refit import EngineRefitter, check_same_architecture, copy_into, destination_shape, weight_pairs
 
 
 class BucketedRefitter:
@@ -25,7 +25,7 @@ class BucketedRefitter:
 
     The engine must have been built for the same architecture (e.g. `GenerationEngine.from_hf` on
     the model before it was sharded); the weight-to-engine mapping is the plain `EngineRefitter`'s
-    (`weight_pairs`), and each bucket is copied (and cast) by the `refit_` kernel. LoRA models are refused: the buckets carry the base weights, not merged adapters.
+    (`weight_pairs`), and each bucket is copied (and cast, or packed) by `copy_into`. LoRA models are refused: the buckets carry the base weights, not merged adapters.
     `pairs` (default: `refit_pairs(engine, model)`) must be given for a model on pipeline stages,
     taken from the model before it was split.
 
@@ -34,7 +34,7 @@ class BucketedRefitter:
         weights: the `WeightBuckets` (its `buckets` and `last_peak_bytes`).
     """
 
-    def __init__(self, engine, model: torch.nn.Module, *, bucket_bytes: int, pairs: list[tuple[str, torch.Tensor]] | None = None):
+    def __init__(self, engine, model: torch.nn.Module, *, bucket_bytes: int, pairs: list | None = None):
         from stema.distributed.role_model import WeightBuckets
         from stema.models.loading import is_lora_model
 
@@ -44,22 +44,19 @@ class BucketedRefitter:
         self.engine = engine
         pairs = pairs if pairs is not None else refit_pairs(engine, model)
         self.views = [view for _, view in pairs]
-        self.weights = WeightBuckets(model, [(hf_name, tuple(view.shape)) for hf_name, view in pairs],
+        self.weights = WeightBuckets(model, [(hf_name, destination_shape(view)) for hf_name, view in pairs],
                                      bucket_bytes=bucket_bytes)
 
     @torch.no_grad()
     def refit(self) -> None:
         """Write the model's current weights into the engine's buffers, bucket by bucket (every rank)."""
-        from stema_kernels import refit_
-
         for start, stop, tensors in self.weights.gathered():
-            views = self.views[start:stop]
-            refit_(views, [tensor.to(view.device) for tensor, view in zip(tensors, views)])
+            copy_into(self.views[start:stop], [tensor.to(self.engine.device) for tensor in tensors])
         self.engine.weights_written()
 
 
-def refit_pairs(engine, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, engine view) of every weight `engine` holds, in refit order, read from
+def refit_pairs(engine, model: torch.nn.Module) -> list:
+    """(Hugging Face name, engine `Destination`) of every weight `engine` holds, in refit order, read from
     `model` (whole or FSDP2-sharded; its architecture checked against the engine's). A model split
     into pipeline stages holds only its stages' layers: take the pairs from it before it is split
     and give them to `BucketedRefitter`."""

@@ -24,25 +24,29 @@ import torch
 import torch.nn.functional as F
 
 from .architecture import DecoderSpec
+from .packed import PackedLinears
 
 
 @dataclass
 class DecoderWeights:
     """The engine's inference copy of the weights, in its own fused layout (see the module
     docstring). Buffers are plain tensors (no autograd), allocated once; refit writes into them.
+    An engine whose linear weights live only in their oneDNN-packed form (`PackedLinears.in_place`)
+    releases the plain linear buffers: `lm_head` and the four `*_weight` fields are None, and so is
+    `embed` when the embeddings are tied (tokens are looked up in the packed lm_head).
     `lm_head` is the same tensor as `embed` when the model ties them; optional biases are None
     when the model has none.
     """
 
-    embed: torch.Tensor  # [V, hidden]
-    lm_head: torch.Tensor  # [V, hidden]
+    embed: torch.Tensor | None  # [V, hidden]
+    lm_head: torch.Tensor | None  # [V, hidden]
     final_norm: torch.Tensor  # [hidden]
     input_norm: torch.Tensor  # [L, hidden]
     post_norm: torch.Tensor  # [L, hidden]
-    qkv_weight: torch.Tensor  # [L, (H + 2 KV) d, hidden]
-    o_weight: torch.Tensor  # [L, hidden, H d]
-    gate_up_weight: torch.Tensor  # [L, 2 I, hidden]
-    down_weight: torch.Tensor  # [L, hidden, I]
+    qkv_weight: torch.Tensor | None  # [L, (H + 2 KV) d, hidden]
+    o_weight: torch.Tensor | None  # [L, hidden, H d]
+    gate_up_weight: torch.Tensor | None  # [L, 2 I, hidden]
+    down_weight: torch.Tensor | None  # [L, hidden, I]
     qkv_bias: torch.Tensor | None = None  # [L, (H + 2 KV) d]
     o_bias: torch.Tensor | None = None  # [L, hidden]
     gate_up_bias: torch.Tensor | None = None  # [L, 2 I]
@@ -146,64 +150,6 @@ class RotaryTable:
         return cls(angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype))
 
 
-def can_prepack(*, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `PackedLinears` serves an engine on `device` in `dtype`: CPU, torch built with
-    oneDNN (mkldnn), and fp32, or bf16 where oneDNN has bf16 kernels for this CPU (AVX-512 BW/VL/DQ
-    or AVX-NE-CONVERT; not on AVX2-only CPUs, nor under ONEDNN_MAX_CPU_ISA=AVX2)."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-class PackedLinears:
-    """oneDNN-prepacked copies of the linear weights (qkv, o, gate_up, down per layer; lm_head),
-    which the decoder multiplies with instead of the plain buffers.
-
-    Why: at decoding batch sizes torch's CPU linear repacks the weight into the BLAS's blocked layout
-    on every call; packed once, the 55M benchmark model (benchmarks/bench_rollout.py) decodes about
-    1.6x faster at batch 8 in fp32 and bf16, and its lm_head GEMM runs about 1.8x faster at batch
-    64 (measured on an AMD EPYC with AVX-512, one thread). The cost: a
-    second copy of the weights in memory, and `refresh()` after every write into the plain
-    buffers (every refitter of the engine calls `GenerationEngine.weights_written`), which repacks
-    all of them into newly allocated tensors (torch's API has no in-place reorder). Measured on
-    the 55M model (fp32, one thread): the reorder costs about 3.5x a plain copy of the same bytes,
-    and the lm_head's 65 MB comes as fresh pages from the OS each time, so a refit takes about
-    20 ms to copy and 100 ms to repack.
-    Until the first `refresh()` nothing is packed and the decoder uses the plain buffers.
-
-    Args:
-        weights: the plain buffers (refit writes into them).
-        batch_hint: the batch size oneDNN picks the packed layout for (the engine's max_batch).
-    """
-
-    def __init__(self, weights: DecoderWeights, *, batch_hint: int):
-        self.weights = weights
-        self.batch_hint = batch_hint
-        self.by_name: dict[str, list[torch.Tensor]] | None = None
-
-    def refresh(self) -> None:
-        """Repack every linear weight from the plain buffers.
-
-        One weight at a time, each old packed copy dropped just before its new one is made, so a
-        refresh needs memory for one more packed weight, not for a second full set."""
-        weights = self.weights
-        plain = {name: list(getattr(weights, f"{name}_weight")) for name in ("qkv", "o", "gate_up", "down")}
-        plain["lm_head"] = [weights.lm_head]
-        if self.by_name is None:
-            self.by_name = {name: [None] * len(tensors) for name, tensors in plain.items()}
-        for name, tensors in plain.items():
-            packed = self.by_name[name]
-            for index, weight in enumerate(tensors):
-                packed[index] = None
-                packed[index] = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
-
-    def linear(self, x: torch.Tensor, name: str, index: int, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """x @ packed weight `name`[index]^T + bias, or None while nothing is packed."""
-        if self.by_name is None:
-            return None
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.by_name[name][index], bias, "none", [], "")
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2) + eps), the statistics in fp32; x [..., hidden]."""
     x32 = x.to(torch.float32)
@@ -288,9 +234,7 @@ class Decoder:
         """x @ weight^T + bias for the linear weight `name` ("qkv", "o", "gate_up", "down": of layer
         `index`; "lm_head"), through its packed copy when there is one."""
         if self.packed is not None:
-            out = self.packed.linear(x, name, index, bias)
-            if out is not None:
-                return out
+            return self.packed.linear(x, name, index, bias)
         weight = self.weights.lm_head if name == "lm_head" else getattr(self.weights, f"{name}_weight")[index]
         return F.linear(x, weight, bias)
 
@@ -366,7 +310,10 @@ class Decoder:
             mask = additive_bias(mask)  # once per step for `single_query_attention`
         cos = self.rotary.cos[positions][:, None]  # [n, 1, q, d]
         sin = self.rotary.sin[positions][:, None]
-        x = F.embedding(input_ids, weights.embed)  # [n, q, hidden]
+        if weights.embed is not None:
+            x = F.embedding(input_ids, weights.embed)  # [n, q, hidden]
+        else:  # tied embeddings kept only in the packed lm_head
+            x = self.packed.embedding(input_ids)
         for layer in range(spec.num_layers):
             x = x + self._attention(layer, rms_norm(x, weights.input_norm[layer], spec.rms_norm_eps),
                                     cos=cos, sin=sin, mask=mask, store=store)

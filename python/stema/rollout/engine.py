@@ -27,9 +27,11 @@ the arithmetic differs only in the order of floating-point sums (padding, batch 
 
 Weights: the engine holds its own copy in a fused layout (`stema.rollout.decoder.DecoderWeights`),
 which refit writes in place. On the CPU (fp32, bf16) the decoder multiplies with oneDNN-prepacked
-copies of the linear weights (`prepack`, default on where `can_prepack`; `PackedLinears`): about
-1.6x faster decoding at small batches, at the cost of a second copy of the weights and a repack
-after every refit (`weights_written`, which every refitter calls; it is part of the refit time).
+copies of the linear weights (`prepack`, default on where `can_prepack`; `stema.rollout.packed`):
+about 1.6x faster decoding at small batches. Where oneDNN's layout is one `stema_kernels.pack_rows_`
+writes (learned when the engine is built), refits write the packed buffers directly and the plain
+linear buffers are released; otherwise the engine keeps both and repacks after every refit
+(`weights_written`, which every refitter calls; it is part of the refit time).
 
 Log-probs: see `stema.rollout.sampling` (full temperature-scaled policy; truncation not applied).
 """
@@ -41,7 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from .architecture import DecoderSpec, check_sequence_length, decoder_spec_from_hf, unwrap_hf_model
-from .decoder import Decoder, DecoderWeights, PackedLinears, RotaryTable, StaticKVCache, can_prepack
+from .decoder import Decoder, DecoderWeights, RotaryTable, StaticKVCache
+from .packed import LINEAR_NAMES, PackedLinears, can_prepack
 from .sampling import (
     SamplingParams,
     StopStringMatcher,
@@ -196,7 +199,14 @@ class GenerationEngine:
         elif prepack and not can_prepack(device=self.device, dtype=dtype):
             raise ValueError(f"GenerationEngine: prepack=True needs a CPU engine in float32 (or bfloat16 where oneDNN has "
                              f"bf16 kernels for the CPU) and torch with oneDNN; this one is {dtype} on {self.device}")
-        packed = PackedLinears(self.weights, batch_hint=max_batch) if prepack else None
+        packed = PackedLinears(self.weights, spec, batch_hint=max_batch) if prepack else None
+        if packed is not None and packed.in_place:
+            # The packed buffers are the linear weights now; refits write them (PackedRows).
+            for name in LINEAR_NAMES:
+                setattr(self.weights, f"{name}_weight", None)
+            self.weights.lm_head = None
+            if spec.tied_embeddings:  # tokens are looked up in the packed lm_head
+                self.weights.embed = None
         self.decoder = Decoder(spec, self.weights, self.cache, rotary, packed=packed)
 
     @classmethod
@@ -255,13 +265,15 @@ class GenerationEngine:
 
     def weights_written(self) -> None:
         """Every writer of `weights` calls this after writing (the refitters do): repacks the
-        prepacked copies (a no-op without prepacking)."""
+        prepacked copies from the plain buffers (a no-op without prepacking, and for an engine
+        whose refits write the packed buffers themselves, `PackedLinears.in_place`)."""
         if self.decoder.packed is not None:
             self.decoder.packed.refresh()
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every buffer the engine allocated at construction (weights, KV cache, key mask)."""
-        return {**self.weights.buffers(), "kv_cache": self.cache.tensor, "key_valid": self.cache.key_valid}
+        packed = self.decoder.packed.buffers() if self.decoder.packed is not None else {}
+        return {**self.weights.buffers(), **packed, "kv_cache": self.cache.tensor, "key_valid": self.cache.key_valid}
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

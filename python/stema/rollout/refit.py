@@ -1,16 +1,18 @@
 """In-place refit of a `GenerationEngine` from the trainer's model, planned once.
 
-    refitter = EngineRefitter(engine, policy)   # name mapping + RefitPlan, built once
+    refitter = EngineRefitter(engine, policy)   # name mapping + copy plan, built once
     for step in ...:
         ... optimizer step on policy ...
         refitter.refit()                        # engine weights <- policy weights, in place
 
 `EngineRefitter` maps every weight of a transformers Llama / Qwen2 / Mistral causal LM onto a view
 of the engine's fused buffers (q, k, v -> rows of `qkv_weight`; gate, up -> rows of
-`gate_up_weight`; ...) and builds one `stema_kernels.RefitPlan` over all pairs, which copies and
-casts (e.g. fp32 trainer -> bf16 engine) in one kernel call per refit, with no allocation. The
-plan records every buffer's address, so the engine's buffers and the trainer's parameters must stay
-where they are (optimizers update parameters in place); the plan raises if one moved.
+`gate_up_weight`; ...) and builds one `EngineCopy` over all pairs, which copies and casts (e.g. fp32
+trainer -> bf16 engine) in one kernel call per refit, with no allocation: a `stema_kernels.RefitPlan`
+for the plain buffers and, for an engine that keeps its linear weights only oneDNN-packed
+(`stema.rollout.packed`), a `stema_kernels.PackRowsPlan` writing them straight into the packed
+layout. The plans record every buffer's address, so the engine's buffers and the trainer's
+parameters must stay where they are (optimizers update parameters in place); they raise if one moved.
 
 LoRA (peft): a LoRA linear layer contributes its effective weight W + sum_a scale_a * B_a @ A_a
 (over the active adapters; just W while adapters are disabled or already merged). The merge is
@@ -27,9 +29,14 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from stema_kernels import RefitPlan
+from stema_kernels import PackRowsPlan, RefitPlan, pack_rows_, refit_
 
 from .architecture import decoder_spec_from_hf, unwrap_hf_model
+from .packed import PackedRows
+
+# Where an engine weight is written: a plain buffer (or a view of one), or rows of a linear weight
+# kept only packed (a tied embedding's too: the engine looks tokens up in the packed lm_head).
+Destination = torch.Tensor | PackedRows
 
 
 def _active_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -115,7 +122,7 @@ class EngineRefitter:
 
     Attributes:
         mapping: list of `MappedWeight`, every trainer weight and the engine view it fills.
-        plan: the `stema_kernels.RefitPlan` applied by `refit()`.
+        plan: the `EngineCopy` applied by `refit()`.
         lora_merges: the `LoraMerge`s run before the plan, one per LoRA linear layer.
     """
 
@@ -135,7 +142,7 @@ class EngineRefitter:
             if source is not None:
                 destinations.append(view)
                 sources.append(source)
-        self.plan = RefitPlan(destinations, sources)
+        self.plan = EngineCopy(destinations, sources)
 
     def _source(self, module: torch.nn.Module, attribute: str, view: torch.Tensor, hf_name: str):
         """The tensor the plan copies into `view`, or None when a LoRA merge writes `view` itself."""
@@ -149,11 +156,12 @@ class EngineRefitter:
         # The parameter itself, not a detached alias: the plan then notices if its storage is replaced.
         return getattr(module, attribute)
 
-    def _lora_merge_source(self, layer: torch.nn.Module, view: torch.Tensor, hf_name: str):
-        """Registers the LoRA merge of `layer`: into `view` when the dtypes agree (returns None),
-        else into a buffer allocated here, which it returns for the plan to cast into `view`."""
+    def _lora_merge_source(self, layer: torch.nn.Module, view: Destination, hf_name: str):
+        """Registers the LoRA merge of `layer`: into `view` when it is a plain buffer of the merge
+        dtype (returns None), else into a buffer allocated here, which it returns for the plan to
+        cast (or pack) into `view`."""
         merge_dtype = _merge_dtype(layer)
-        if merge_dtype == view.dtype:
+        if isinstance(view, torch.Tensor) and merge_dtype == view.dtype:
             self.lora_merges.append(LoraMerge(layer, view, name=hf_name))
             return None
         base_weight = layer.get_base_layer().weight
@@ -197,12 +205,60 @@ def _check_device(engine, model: torch.nn.Module) -> None:
         )
 
 
-def _check_shape(view: torch.Tensor, source: torch.Tensor, hf_name: str, engine_slot: str) -> None:
-    if tuple(view.shape) != tuple(source.shape):
+def _check_shape(view: Destination, source: torch.Tensor, hf_name: str, engine_slot: str) -> None:
+    if destination_shape(view) != tuple(source.shape):
         raise ValueError(
             f"EngineRefitter: {hf_name} has shape {tuple(source.shape)} but engine {engine_slot} has "
-            f"{tuple(view.shape)}"
+            f"{destination_shape(view)}"
         )
+
+
+def destination_shape(view: Destination) -> tuple[int, ...]:
+    """The shape of the weight a `Destination` takes."""
+    return tuple(view.shape)
+
+
+def _split(views: list[Destination], sources: list[torch.Tensor]):
+    """(plain destinations, their sources, packed destinations, their sources)."""
+    plain, plain_sources, packed, packed_sources = [], [], [], []
+    for view, source in zip(views, sources, strict=True):
+        if isinstance(view, PackedRows):
+            packed.append(view)
+            packed_sources.append(source)
+        else:
+            plain.append(view)
+            plain_sources.append(source)
+    return plain, plain_sources, packed, packed_sources
+
+
+def _packed_args(packed: list[PackedRows]) -> dict:
+    return {"blocks": [part.block for part in packed], "pairs": [part.pair for part in packed]}
+
+
+class EngineCopy:
+    """Copies fixed sources into engine `Destination`s, checked once, re-run by `apply()`: the plain
+    ones through one `stema_kernels.RefitPlan`, the packed ones through one `PackRowsPlan`."""
+
+    def __init__(self, views: list[Destination], sources: list[torch.Tensor]):
+        plain, plain_sources, packed, packed_sources = _split(views, sources)
+        self.plain = RefitPlan(plain, plain_sources)
+        self.packed = PackRowsPlan([part.buffer for part in packed], packed_sources, **_packed_args(packed))
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.packed)
+
+    def apply(self) -> None:
+        self.plain.apply()
+        self.packed.apply()
+
+
+def copy_into(views: list[Destination], sources: list[torch.Tensor]) -> None:
+    """Copy (cast, pack) each source into its engine `Destination` once: `refit_` and `pack_rows_`."""
+    plain, plain_sources, packed, packed_sources = _split(views, sources)
+    refit_(plain, plain_sources)
+    if packed:
+        pack_rows_([part.buffer for part in packed], [source.contiguous() for source in packed_sources],
+                   **_packed_args(packed))
 
 
 def _row_blocks(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -214,15 +270,30 @@ def _row_blocks(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     return blocks
 
 
+def _linear_destination(engine, name: str, index: int, start: int, end: int) -> Destination:
+    """Rows [start, end) of linear weight `name` (of layer `index`; "lm_head"): its packed rows
+    when the engine keeps it only packed, else a view of the plain buffer."""
+    packed = engine.decoder.packed
+    if packed is not None and packed.in_place:
+        return packed.rows(name, index, start, end)
+    weights = engine.weights
+    buffer = weights.lm_head if name == "lm_head" else getattr(weights, f"{name}_weight")[index]
+    return buffer[start:end]
+
+
 def weight_pairs(model: torch.nn.Module, engine):
-    """Yields (hf_name, module, attribute, engine_slot, engine view) for every weight of `model`
-    (the unwrapped causal LM) that `engine` holds, in the order refits copy them."""
+    """Yields (hf_name, module, attribute, engine_slot, engine `Destination`) for every weight of
+    `model` (the unwrapped causal LM) that `engine` holds, in the order refits copy them."""
     spec, weights = engine.spec, engine.weights
     d = spec.head_dim
     qkv_blocks = _row_blocks((spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d))
     gate_up_blocks = _row_blocks((spec.intermediate_size, spec.intermediate_size))
+    hidden, vocab = spec.hidden_size, spec.vocab_size
+    packed = engine.decoder.packed
     decoder = model.model
-    yield "model.embed_tokens.weight", decoder.embed_tokens, "weight", "embed", weights.embed
+    tied_packed = spec.tied_embeddings and packed is not None and packed.in_place
+    embed = packed.rows("lm_head", 0, 0, vocab) if tied_packed else weights.embed
+    yield "model.embed_tokens.weight", decoder.embed_tokens, "weight", "embed", embed
     for index, layer in enumerate(decoder.layers):
         prefix = f"model.layers.{index}"
         yield (f"{prefix}.input_layernorm.weight", layer.input_layernorm, "weight", f"input_norm[{index}]",
@@ -233,21 +304,24 @@ def weight_pairs(model: torch.nn.Module, engine):
         for projection, (start, end) in zip(("q_proj", "k_proj", "v_proj"), qkv_blocks):
             module, name = getattr(attention, projection), f"{prefix}.self_attn.{projection}"
             slot = f"[{index}, {start}:{end}]"
-            yield f"{name}.weight", module, "weight", f"qkv_weight{slot}", weights.qkv_weight[index, start:end]
+            yield f"{name}.weight", module, "weight", f"qkv_weight{slot}", _linear_destination(engine, "qkv", index, start, end)
             if weights.qkv_bias is not None:
                 yield f"{name}.bias", module, "bias", f"qkv_bias{slot}", weights.qkv_bias[index, start:end]
-        yield f"{prefix}.self_attn.o_proj.weight", attention.o_proj, "weight", f"o_weight[{index}]", weights.o_weight[index]
+        yield (f"{prefix}.self_attn.o_proj.weight", attention.o_proj, "weight", f"o_weight[{index}]",
+               _linear_destination(engine, "o", index, 0, hidden))
         if weights.o_bias is not None:
             yield f"{prefix}.self_attn.o_proj.bias", attention.o_proj, "bias", f"o_bias[{index}]", weights.o_bias[index]
         for projection, (start, end) in zip(("gate_proj", "up_proj"), gate_up_blocks):
             module, name = getattr(mlp, projection), f"{prefix}.mlp.{projection}"
             slot = f"[{index}, {start}:{end}]"
-            yield f"{name}.weight", module, "weight", f"gate_up_weight{slot}", weights.gate_up_weight[index, start:end]
+            yield (f"{name}.weight", module, "weight", f"gate_up_weight{slot}",
+                   _linear_destination(engine, "gate_up", index, start, end))
             if weights.gate_up_bias is not None:
                 yield f"{name}.bias", module, "bias", f"gate_up_bias{slot}", weights.gate_up_bias[index, start:end]
-        yield f"{prefix}.mlp.down_proj.weight", mlp.down_proj, "weight", f"down_weight[{index}]", weights.down_weight[index]
+        yield (f"{prefix}.mlp.down_proj.weight", mlp.down_proj, "weight", f"down_weight[{index}]",
+               _linear_destination(engine, "down", index, 0, hidden))
         if weights.down_bias is not None:
             yield f"{prefix}.mlp.down_proj.bias", mlp.down_proj, "bias", f"down_bias[{index}]", weights.down_bias[index]
     yield "model.norm.weight", decoder.norm, "weight", "final_norm", weights.final_norm
     if not spec.tied_embeddings:
-        yield "lm_head.weight", model.lm_head, "weight", "lm_head", weights.lm_head
+        yield "lm_head.weight", model.lm_head, "weight", "lm_head", _linear_destination(engine, "lm_head", 0, 0, vocab)

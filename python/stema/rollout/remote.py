@@ -10,7 +10,7 @@ engine has copied it in place, so at most one bucket is in flight. The transport
 (`stema.roles.rollout.send_bucket`: the Ray object store), so this module imports no Ray.
 
 The receiving side is the engine's `bucket_receiver(model)`: `EngineSlots` for STEMA's engine
-(each weight copied into its engine buffer by the `refit_` kernel), `VLLMBucketReceiver` for vLLM
+(each weight copied into its engine buffer, or packed weight, by `copy_into`), `VLLMBucketReceiver` for vLLM
 (`stema.rollout.vllm`). Either has `layout` (what the trainer gathers, in order) and `load(bucket)`.
 """
 
@@ -60,7 +60,7 @@ class EngineSlots:
     are repacked once per refit, not per bucket).
 
     Attributes:
-        slots: {Hugging Face weight name: engine buffer view}.
+        slots: {Hugging Face weight name: engine `Destination` (buffer view, or packed rows)}.
     """
 
     def __init__(self, engine, model: torch.nn.Module):
@@ -74,15 +74,16 @@ class EngineSlots:
     @property
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """[(Hugging Face weight name, shape)] of the engine's weights, in refit order."""
-        return named_shapes(self.slots)
+        from .refit import destination_shape
+
+        return [(name, destination_shape(view)) for name, view in self.slots.items()]
 
     @torch.no_grad()
     def load(self, bucket: dict[str, torch.Tensor]) -> None:
-        from stema_kernels import refit_
+        from .refit import copy_into
 
         check_bucket(bucket, self.slots)
-        views = [self.slots[name] for name in bucket]
-        refit_(views, [tensor.to(view.device) for tensor, view in zip(bucket.values(), views)])
+        copy_into([self.slots[name] for name in bucket], [tensor.to(self.engine.device) for tensor in bucket.values()])
         self.arrived.update(bucket)
         if len(self.arrived) == len(self.slots):
             self.engine.weights_written()
