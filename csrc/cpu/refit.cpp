@@ -279,18 +279,15 @@ void refit_cpu(const RefitDescriptor* table, std::int64_t count, std::int64_t to
 // ---- Row-block packing (see PackRowsDescriptor in refit.h).
 //
 // Grouping each `pair` of adjacent columns into one unit of pair * sizeof(dst) bytes, a row
-// block's packed image is the transpose of the block as a [block, cols / pair] matrix of units. A
-// column tile of the block is first converted row by row into a staging buffer in L1 (the same
-// vectorized conversion loop as the flat refit), then transposed unit-wise into the packed buffer: 8 x 8 tiles of 4-byte units through AVX2 registers
-// where the CPU has AVX2, a plain loop otherwise.
+// block's packed image is the transpose of the block as a [block, cols / pair] matrix of units,
+// taken unit-wise: 8 x 8 tiles of 4-byte units through AVX2 registers where the CPU has AVX2, a
+// plain loop otherwise. A block to convert is first cast whole into a per-thread staging buffer
+// (the flat refit's vectorized conversion loop), then transposed from there.
 
 namespace {
 
-constexpr std::int64_t kPackTile = 256;       // columns per tile; a multiple of every pair
-constexpr std::int64_t kMaxPackBlock = 128;   // rows per block the staging buffer holds
-// Bytes per staged row: a tile's row (at most kPackTile 8-byte elements) plus one 64-byte line
-// (a multiple of every unit size, 1 to 16 bytes).
-constexpr std::int64_t kStagingRowBytes = kPackTile * 8 + 64;
+constexpr std::int64_t kMaxPackBlock = 128;  // rows per block (oneDNN's blocks are 8 to 64)
+constexpr std::int64_t kPairsDivide = 64;     // every pair divides this
 
 template <typename Unit>
 STEMA_REFIT_ALWAYS_INLINE void transpose_units_scalar(const Unit* __restrict__ in, std::int64_t in_stride,
@@ -418,19 +415,13 @@ void pack_one_block(const PackRowsDescriptor& d, std::int64_t block_index) {
     transpose_any_units(unit_bytes, src, d.cols / d.pair, packed, d.block, d.block, d.cols / d.pair);
     return;
   }
-  // Converting: each column tile of the block is converted row by row into a staging buffer, then
-  // transposed from there.
-  // Staging rows kStagingRowBytes apart: not a power of two, so a column of the tile spans many cache sets.
-  alignas(64) char staging[kMaxPackBlock * kStagingRowBytes];
-  const std::int64_t staged_units = kStagingRowBytes / unit_bytes;
-  for (std::int64_t c0 = 0; c0 < d.cols; c0 += kPackTile) {
-    const std::int64_t width = std::min(kPackTile, d.cols - c0);
-    for (std::int64_t r = 0; r < d.block; ++r) {
-      convert_row(d, src + (r * d.cols + c0) * src_size, staging + r * kStagingRowBytes, width);
-    }
-    transpose_any_units(unit_bytes, staging, staged_units, packed + c0 * d.block * dst_size, d.block, d.block,
-                        width / d.pair);
-  }
+  // Converting: the block (contiguous in src) is converted in one call of the refit's vectorized
+  // loop into this thread's staging buffer, then transposed from there as above.
+  thread_local std::vector<char> staging;
+  const std::int64_t count = d.block * d.cols;
+  if (static_cast<std::int64_t>(staging.size()) < count * dst_size) staging.resize(static_cast<std::size_t>(count * dst_size));
+  convert_row(d, src, staging.data(), count);
+  transpose_any_units(unit_bytes, staging.data(), d.cols / d.pair, packed, d.block, d.block, d.cols / d.pair);
 }
 
 }  // namespace
@@ -446,10 +437,10 @@ void check_pack_rows(const PackRowsDescriptor* table, std::int64_t count) {
                 "pack_rows descriptor " << i << ": block " << d.block << ", pair " << d.pair << ", rows " << d.rows
                                         << ", cols " << d.cols << " (block 1 to " << kMaxPackBlock
                                         << ", pair >= 1 and a unit of pair elements at most 16 bytes)");
-    STEMA_CHECK(d.rows % d.block == 0 && d.cols % d.pair == 0 && kPackTile % d.pair == 0,
+    STEMA_CHECK(d.rows % d.block == 0 && d.cols % d.pair == 0 && kPairsDivide % d.pair == 0,
                 "pack_rows descriptor " << i << ": rows " << d.rows << " must be a multiple of block " << d.block
                                         << " and cols " << d.cols << " of pair " << d.pair << " (which divides "
-                                        << kPackTile << ")");
+                                        << kPairsDivide << ")");
     STEMA_CHECK(d.rows * d.cols == 0 || (d.packed != nullptr && d.src != nullptr),
                 "pack_rows descriptor " << i << ": null data pointer");
   }
