@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .architecture import decoder_spec_from_hf, unwrap_hf_model
-from .refit import EngineRefitter, check_same_architecture, copy_into, destination_shape, weight_pairs
+from .refit import EngineRefitter, check_same_architecture, copy_into, weight_pairs
 
 
 class BucketedRefitter:
@@ -44,7 +44,7 @@ class BucketedRefitter:
         self.engine = engine
         pairs = pairs if pairs is not None else refit_pairs(engine, model)
         self.views = [view for _, view in pairs]
-        self.weights = WeightBuckets(model, [(hf_name, destination_shape(view)) for hf_name, view in pairs],
+        self.weights = WeightBuckets(model, [(hf_name, tuple(view.shape)) for hf_name, view in pairs],
                                      bucket_bytes=bucket_bytes)
 
     @torch.no_grad()

@@ -8,10 +8,10 @@
 `EngineRefitter` maps every weight of a transformers Llama / Qwen2 / Mistral causal LM onto a view
 of the engine's fused buffers (q, k, v -> rows of `qkv_weight`; gate, up -> rows of
 `gate_up_weight`; ...) and builds one `EngineCopy` over all pairs, which copies and casts (e.g. fp32
-trainer -> bf16 engine) in one kernel call per refit, with no allocation: a `stema_kernels.RefitPlan`
-for the plain buffers and, for an engine that keeps its linear weights only oneDNN-packed
-(`stema.rollout.packed`), a `stema_kernels.PackRowsPlan` writing them straight into the packed
-layout. The plans record every buffer's address, so the engine's buffers and the trainer's
+trainer -> bf16 engine) with no allocation: one kernel call of a `stema_kernels.RefitPlan` for the
+plain buffers and, for an engine that keeps its linear weights only oneDNN-packed
+(`stema.rollout.packed`), one of a `stema_kernels.PackRowsPlan` writing them straight into the
+packed layout. The plans record every buffer's address, so the engine's buffers and the trainer's
 parameters must stay where they are (optimizers update parameters in place); they raise if one moved.
 
 LoRA (peft): a LoRA linear layer contributes its effective weight W + sum_a scale_a * B_a @ A_a
@@ -206,16 +206,11 @@ def _check_device(engine, model: torch.nn.Module) -> None:
 
 
 def _check_shape(view: Destination, source: torch.Tensor, hf_name: str, engine_slot: str) -> None:
-    if destination_shape(view) != tuple(source.shape):
+    if tuple(view.shape) != tuple(source.shape):
         raise ValueError(
             f"EngineRefitter: {hf_name} has shape {tuple(source.shape)} but engine {engine_slot} has "
-            f"{destination_shape(view)}"
+            f"{tuple(view.shape)}"
         )
-
-
-def destination_shape(view: Destination) -> tuple[int, ...]:
-    """The shape of the weight a `Destination` takes."""
-    return tuple(view.shape)
 
 
 def _split(views: list[Destination], sources: list[torch.Tensor]):

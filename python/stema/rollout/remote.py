@@ -56,8 +56,8 @@ class EngineSlots:
     """The receiving side for a `GenerationEngine`: {Hugging Face weight name: the engine buffer
     (or view of a fused buffer) it fills}, built once from the model the engine was built from;
     `load` copies a bucket in place (cast to the engine's dtype by `refit_`), and once every weight
-    has arrived since the last time, tells the engine (`weights_written`: its prepacked copies
-    are repacked once per refit, not per bucket).
+    has arrived since the last time, tells the engine (`weights_written`: where it repacks its
+    prepacked copies, they are repacked once per refit, not per bucket).
 
     Attributes:
         slots: {Hugging Face weight name: engine `Destination` (buffer view, or packed rows)}.
@@ -74,9 +74,7 @@ class EngineSlots:
     @property
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """[(Hugging Face weight name, shape)] of the engine's weights, in refit order."""
-        from .refit import destination_shape
-
-        return [(name, destination_shape(view)) for name, view in self.slots.items()]
+        return named_shapes(self.slots)
 
     @torch.no_grad()
     def load(self, bucket: dict[str, torch.Tensor]) -> None:
@@ -90,8 +88,9 @@ class EngineSlots:
             self.arrived.clear()
 
 
-def named_shapes(tensors: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
-    """[(name, shape)] of `tensors`, in order: a receiver's layout."""
+def named_shapes(tensors: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """[(name, shape)] of `tensors` (tensors or other destinations with a shape), in order: a
+    receiver's layout."""
     return [(name, tuple(tensor.shape)) for name, tensor in tensors.items()]
 
 
