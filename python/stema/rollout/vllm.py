@@ -60,10 +60,13 @@ with the old embedding: log-probs off by up to 3.5 nats) and the prefix cache is
 prompts that share a prefix with an earlier one reuse KV computed with the old weights: long
 prompts drift by up to 8 nats).
 
-KV cache between steps: vLLM's sleep mode (`LLM.sleep` / `wake_up`) frees it on GPU, but this
-generator does not call it (untested here: no GPU); on CPU vLLM 0.32 ignores sleep (it logs that
-it is not supported), so the cache, sized by this generator for `max_batch` sequences of
-`max_total_len` tokens, stays allocated between steps (`stema.roles.colocation` passes it over).
+KV cache between steps: vLLM's sleep mode frees it on GPU (vLLM 0.32: `LLM(enable_sleep_mode=True)`,
+then `sleep(level=0)` + `release_kv_cache_memory()` after generating and `wake_up(tags=["kv_cache"])`
+and `wake_up(tags=["scheduling"])` before the next), but this generator does not call it (untested:
+no GPU here). On CPU vLLM 0.32 refuses `enable_sleep_mode` ("Sleep mode is not supported on current
+platform") and its CPU worker ignores `sleep`, so the cache, sized by this generator for `max_batch`
+sequences of `max_total_len` tokens, stays allocated between steps (`stema.roles.colocation` passes
+it over).
 """
 
 from __future__ import annotations
