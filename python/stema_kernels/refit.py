@@ -182,6 +182,19 @@ def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def _raise_if_moved(item: str, plan: str, groups) -> None:
+    """ValueError naming the first tensor (`item` index, its role) whose data_ptr is not the one a
+    plan recorded; groups: (role, tensors, recorded addresses)."""
+    for role, tensors, recorded in groups:
+        current = list(map(torch.Tensor.data_ptr, tensors))
+        if current != recorded:
+            index = next(i for i, (now, then) in enumerate(zip(current, recorded)) if now != then)
+            raise ValueError(
+                f"{item} {index}: {role} storage moved since the {plan} was built "
+                f"(data_ptr {recorded[index]:#x} -> {current[index]:#x}); build a new plan"
+            )
+
+
 class RefitPlan:
     """A fixed refit (dst[i] <- src[i] for every pair), validated once, re-run every step.
 
@@ -232,14 +245,7 @@ class RefitPlan:
         return f"RefitPlan(pairs={len(self)}, num_bytes={self.num_bytes}, device={self._device})"
 
     def _check_pointers(self) -> None:
-        for role, tensors, recorded in (("dst", self._dst, self._dst_ptrs), ("src", self._src, self._src_ptrs)):
-            current = list(map(torch.Tensor.data_ptr, tensors))
-            if current != recorded:
-                index = next(i for i, (now, then) in enumerate(zip(current, recorded)) if now != then)
-                raise ValueError(
-                    f"refit pair {index}: {role} storage moved since the RefitPlan was built "
-                    f"(data_ptr {recorded[index]:#x} -> {current[index]:#x}); build a new plan"
-                )
+        _raise_if_moved("refit pair", "RefitPlan", (("dst", self._dst, self._dst_ptrs), ("src", self._src, self._src_ptrs)))
 
     def apply(self) -> None:
         """Copy every src into its dst again (their current values), in place."""
@@ -333,16 +339,9 @@ def pack_rows_(packed: Sequence[torch.Tensor], src: Sequence[torch.Tensor], *, b
 
 
 def _check_no_overlap(packed: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """The flat refit's overlap check (`_C.refit_check_pairs`) over the same byte ranges."""
-    raw, codes = _C.refit_raw_bytes, _dispatch.DTYPE_CODES
-    same = [dst.dtype is source.dtype for dst, source in zip(packed, src)]
-    _C.refit_check_pairs(
-        [tensor.data_ptr() for tensor in packed],
-        [tensor.data_ptr() for tensor in src],
-        [dst.nbytes if one else dst.numel() for dst, one in zip(packed, same)],
-        [raw if one else codes[dst.dtype] for dst, one in zip(packed, same)],
-        [raw if one else codes[source.dtype] for source, one in zip(src, same)],
-    )
+    """The flat refit's overlap check over the same byte ranges (each pair flattened)."""
+    flat = _validate([tensor.view(-1) for tensor in packed], [tensor.detach().view(-1) for tensor in src])
+    _C.refit_check_pairs(*_list_args(flat))
 
 
 class PackRowsPlan:
@@ -354,8 +353,7 @@ class PackRowsPlan:
                  pairs: Sequence[int]) -> None:
         self._packed, self._src = tuple(packed), tuple(src)
         self._args = _pack_rows_args(self._packed, self._src, blocks, pairs)
-        if self._packed:
-            _check_no_overlap(list(self._packed), list(self._src))
+        _check_no_overlap(list(self._packed), list(self._src))
         self.num_bytes = sum(tensor.nbytes for tensor in self._packed)
 
     def __len__(self) -> int:
@@ -363,12 +361,8 @@ class PackRowsPlan:
 
     def apply(self) -> None:
         """Pack every src into its destination again (their current values), in place."""
-        for role, tensors, recorded in (("packed", self._packed, self._args[0]), ("src", self._src, self._args[1])):
-            current = [tensor.data_ptr() for tensor in tensors]
-            if current != recorded:
-                index = next(i for i, (now, then) in enumerate(zip(current, recorded)) if now != then)
-                raise ValueError(f"pack_rows weight {index}: {role} storage moved since the PackRowsPlan was built; "
-                                 "build a new plan")
+        _raise_if_moved("pack_rows weight", "PackRowsPlan",
+                        (("packed", self._packed, self._args[0]), ("src", self._src, self._args[1])))
         if self._packed:
             _C.refit_pack_rows_cpu(*self._args)
 

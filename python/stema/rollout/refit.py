@@ -284,10 +284,10 @@ def weight_pairs(model: torch.nn.Module, engine):
     qkv_blocks = _row_blocks((spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d))
     gate_up_blocks = _row_blocks((spec.intermediate_size, spec.intermediate_size))
     hidden, vocab = spec.hidden_size, spec.vocab_size
-    packed = engine.decoder.packed
     decoder = model.model
-    tied_packed = spec.tied_embeddings and packed is not None and packed.in_place
-    embed = packed.rows("lm_head", 0, 0, vocab) if tied_packed else weights.embed
+    # Tied: the lm_head's destination (the embedding buffer itself, or the packed lm_head in which
+    # the engine looks tokens up).
+    embed = _linear_destination(engine, "lm_head", 0, 0, vocab) if spec.tied_embeddings else weights.embed
     yield "model.embed_tokens.weight", decoder.embed_tokens, "weight", "embed", embed
     for index, layer in enumerate(decoder.layers):
         prefix = f"model.layers.{index}"
